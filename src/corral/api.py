@@ -1,0 +1,183 @@
+"""The synchronous Python SDK. Everything public is re-exported from `corral`."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from corral.backends.base import LaunchOptions, SandboxProcess, StdioMode
+from corral.backends.process.handle import communicate
+from corral.backends.registry import available_backends, get_backend
+from corral.contract.model import Request
+from corral.errors import CorralError, ErrorCode
+from corral.plan import Plan, backend_for, build_plan
+
+RequestLike = Request | Mapping[str, Any] | str | bytes
+
+
+@dataclass(frozen=True)
+class ExecutionResult:
+    stdout: str
+    stderr: str
+    exit_code: int
+    timed_out: bool
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    valid: bool
+    error: dict[str, Any] | None = None  # the MXC error envelope's body when invalid
+    warnings: tuple[str, ...] = ()
+    plan: dict[str, Any] | None = None
+
+
+@dataclass
+class Process:
+    """A sandboxed process started by :func:`spawn`; binary streams, like subprocess.Popen."""
+
+    _sandbox: SandboxProcess
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def pid(self) -> int:
+        return self._sandbox.pid
+
+    @property
+    def stdin(self) -> IO[bytes] | None:
+        return self._sandbox.stdin
+
+    @property
+    def stdout(self) -> IO[bytes] | None:
+        return self._sandbox.stdout
+
+    @property
+    def stderr(self) -> IO[bytes] | None:
+        return self._sandbox.stderr
+
+    @property
+    def pty_fd(self) -> int | None:
+        return self._sandbox.pty_fd
+
+    @property
+    def returncode(self) -> int | None:
+        return self._sandbox.returncode
+
+    @property
+    def timed_out(self) -> bool:
+        return self._sandbox.timed_out
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self._sandbox.wait(timeout)
+
+    def poll(self) -> int | None:
+        return self._sandbox.poll()
+
+    def kill(self) -> None:
+        self._sandbox.kill()
+
+    def resize(self, rows: int, columns: int) -> None:
+        self._sandbox.resize(rows, columns)
+
+    def communicate(self, input: bytes | None = None) -> tuple[bytes, bytes]:
+        return communicate(self._sandbox, input)
+
+    def close(self) -> None:
+        self._sandbox.close()
+
+    def __enter__(self) -> Process:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def parse(request: RequestLike, *, experimental: bool = False) -> Request:
+    """A validated Request from any accepted form; ``version`` is filled when absent."""
+    if isinstance(request, Request):
+        return request
+    from corral.contract import parse_request
+
+    return parse_request(request, experimental=experimental, fill_version=True)
+
+
+def plan(request: RequestLike, *, experimental: bool = False) -> Plan:
+    """The effective-enforcement plan for a one-shot request, without running anything."""
+    req = parse(request, experimental=experimental)
+    if not req.is_one_shot:
+        raise CorralError(
+            f"a {req.phase!r} request has no one-shot plan; use the lifecycle calls",
+            code=ErrorCode.UNSUPPORTED_PHASE,
+        )
+    req = _apply_admin(req)
+    return build_plan(req, get_backend(backend_for(req)).probe())
+
+
+def _apply_admin(req: Request) -> Request:
+    try:
+        from corral.policy.admin import AdminPolicy
+    except ImportError:
+        return req
+    admin = AdminPolicy.load()
+    return req if admin is None else admin.clamp(req).request
+
+
+def launch(plan_: Plan, options: LaunchOptions) -> SandboxProcess:
+    return get_backend(plan_.backend).launch(plan_, options)
+
+
+def run(
+    request: RequestLike, *, input: bytes | None = None, experimental: bool = False
+) -> ExecutionResult:
+    """Run a one-shot request to completion and collect its output."""
+    p = plan(request, experimental=experimental)
+    stdin: StdioMode = "pipe" if input else "devnull"
+    with launch(p, LaunchOptions(stdin=stdin)) as proc:
+        out, err = communicate(proc, input)
+        code = proc.wait()
+        return ExecutionResult(
+            out.decode(errors="replace"), err.decode(errors="replace"), code, proc.timed_out, p.warnings
+        )
+
+
+def spawn(request: RequestLike, *, experimental: bool = False) -> Process:
+    """Start a one-shot request; talk to it through pipes."""
+    p = plan(request, experimental=experimental)
+    return Process(launch(p, LaunchOptions()), p.warnings)
+
+
+def spawn_with_pty(
+    request: RequestLike, rows: int = 24, columns: int = 80, *, experimental: bool = False
+) -> Process:
+    """Start a one-shot request on its own pseudo-terminal (``pty_fd`` is the master side)."""
+    p = plan(request, experimental=experimental)
+    return Process(launch(p, LaunchOptions(pty=(rows, columns))), p.warnings)
+
+
+def validate(request: RequestLike, *, experimental: bool = False) -> ValidationResult:
+    """Would this request be accepted here? Never raises for a bad request."""
+    try:
+        req = parse(request, experimental=experimental)
+        if not req.is_one_shot:
+            return ValidationResult(True)
+        p = plan(req)
+    except CorralError as exc:
+        return ValidationResult(False, exc.to_envelope()["error"])
+    return ValidationResult(True, None, p.warnings, p.to_dict())
+
+
+def get_available_backends() -> list[dict[str, Any]]:
+    return [info.to_dict() for info in available_backends()]
+
+
+def get_platform_support() -> dict[str, Any]:
+    backends = available_backends()
+    return {
+        "platform": "linux",
+        "kernel": platform.release(),
+        "supported": any(b.available for b in backends),
+        "containments": sorted({c for b in backends if b.available for c in b.containments}),
+        "backends": [b.to_dict() for b in backends],
+    }

@@ -1,0 +1,1 @@
+"""Containment backends: one module (or folder) per kind, all behind `corral.backends.base`."""

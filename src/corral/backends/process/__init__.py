@@ -1,0 +1,208 @@
+"""The `process` backend (also serving `bubblewrap`): namespaces, a deny-by-default root,
+Landlock, seccomp, dropped capabilities and cgroups, all applied by Corral itself."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import secrets
+from typing import IO, Any
+
+from corral.backends.base import BackendInfo, LaunchOptions, SandboxProcess
+from corral.backends.process.handle import ProcessSandbox
+from corral.backends.process.launcher import ChildSpec, fork_sandbox, read_launch_error
+from corral.backends.process.rootfs import PRIVATE_TMP, plan_mounts
+from corral.errors import BackendUnavailableError, CorralError, ErrorCode
+from corral.kernel import namespaces
+from corral.plan import Plan
+
+NAME = "process"
+CONTAINMENTS = ("process", "bubblewrap")
+
+
+class ProcessBackend:
+    name = NAME
+
+    def probe(self) -> BackendInfo:
+        return _probe()
+
+    def launch(self, plan: Plan, options: LaunchOptions) -> SandboxProcess:
+        return launch(plan, options)
+
+
+@functools.cache
+def _probe() -> BackendInfo:
+    root = os.geteuid() == 0
+    if not root and not namespaces.unprivileged_userns_allowed():
+        return BackendInfo(
+            NAME,
+            False,
+            "unprivileged user namespaces are disabled on this host "
+            "(sysctl kernel.unprivileged_userns_clone=1 or user.max_user_namespaces>0), "
+            "or run as root",
+            containments=CONTAINMENTS,
+        )
+    mech: dict[str, str] = {
+        "mount-namespace": "private mount namespace, deny-by-default root (pivot_root)",
+        "pid-namespace": "own PID namespace with a reaping init",
+        "network-namespace": "private network namespace (loopback only unless rules add more)",
+        "ipc-namespace": "own System V IPC and POSIX message queues",
+        "uts-namespace": "own hostname",
+        "capabilities": "all capabilities dropped, no_new_privs, securebits locked",
+    }
+    if not root:
+        mech["user-namespace"] = "caller's uid mapped to itself"
+    from corral.kernel import cgroups, landlock, seccomp
+
+    abi = landlock.host_abi()
+    if abi:
+        mech["landlock"] = f"Landlock ABI {abi}"
+    if seccomp.available():
+        mech["seccomp"] = "default filter: " + ", ".join(seccomp.describe_default_filter()[:6]) + ", ..."
+    host = cgroups.detect()
+    for controller in ("memory", "pids", "cpu"):
+        where = host.usable.get(controller)
+        if where:
+            mech[f"cgroup-{controller}"] = where
+    try:
+        from corral import net
+
+        mech.update(net.probe())
+    except ImportError:
+        pass
+    return BackendInfo(NAME, True, mechanisms=mech, containments=CONTAINMENTS)
+
+
+def launch(plan: Plan, options: LaunchOptions) -> SandboxProcess:
+    from corral.kernel import cgroups, landlock, privileges, seccomp
+
+    cleanups: list[Any] = []
+    sandbox_id = secrets.token_hex(6)
+    child_fds: list[int] = []
+    try:
+        parent_streams, child_stdio, pty_master, pty_slave = _open_stdio(options, child_fds)
+        cgroup = None
+        res = plan.resources
+        if res.memory_mb or res.pids or res.cpu_percent:
+            cgroup = cgroups.create(
+                f"sandbox-{sandbox_id}", memory_mb=res.memory_mb, pids=res.pids, cpu_percent=res.cpu_percent
+            )
+            cleanups.append(cgroup.remove)
+        spec = ChildSpec(
+            command=plan.command,
+            env=dict(plan.env),
+            cwd=plan.cwd,
+            mount_steps=plan_mounts(plan.filesystem),
+            unprivileged=os.geteuid() != 0,
+            uid=os.getuid(),
+            gid=os.getgid(),
+            cgroup_procs=cgroup.procs_files() if cgroup else [],
+            wait_for_network=plan.network.mode != "none",
+            landlock_rules=_landlock_rules(plan) if "landlock" in plan.mechanisms else [],
+            landlock_prepare=landlock.prepare if "landlock" in plan.mechanisms else None,
+            privileges=privileges.prepare_privilege_drop(),
+            seccomp=seccomp.prepare(seccomp.build_default_filter()) if "seccomp" in plan.mechanisms else None,
+            pty_slave=pty_slave,
+            stdio=child_stdio,
+        )
+        launched = fork_sandbox(spec)
+        for fd in child_fds:
+            os.close(fd)
+        child_fds.clear()
+        if spec.wait_for_network:
+            _attach_network(plan, launched, cleanups)
+        error = read_launch_error(launched.error_r)
+        if error:
+            os.close(launched.lifeline_w)
+            os.waitpid(launched.pid, 0)
+            raise CorralError(
+                f"sandbox set-up failed: {error}",
+                code=ErrorCode.BACKEND_ERROR,
+                remediation="run `corral backends` to check what this host supports",
+            )
+        return ProcessSandbox(
+            launched.pid,
+            timeout_ms=plan.timeout_ms,
+            lifeline_w=launched.lifeline_w,
+            stdin=parent_streams[0],
+            stdout=parent_streams[1],
+            stderr=parent_streams[2],
+            pty_fd=pty_master,
+            cleanups=cleanups,
+            kill_tree=cgroup.kill_all if cgroup else None,
+        )
+    except BaseException:
+        for fd in child_fds:
+            os.close(fd)
+        for cleanup in reversed(cleanups):
+            cleanup()
+        raise
+
+
+def _attach_network(plan: Plan, launched: Any, cleanups: list[Any]) -> None:
+    assert launched.ready_r is not None and launched.sync_w is not None
+    try:
+        if os.read(launched.ready_r, 1) != b"R":
+            return  # the child failed; its error arrives on the error pipe
+        from corral import net
+
+        attachment = net.attach(plan.network, pid=launched.pid)
+        cleanups.append(attachment.close)
+        inside = attachment.proxy_url_inside
+        overrides = {
+            key: inside
+            for key in plan.env
+            if inside and key.lower().endswith("_proxy") and key.lower() != "no_proxy"
+        }
+        os.write(launched.sync_w, json.dumps(overrides).encode() or b"{}")
+    except ImportError as exc:
+        raise BackendUnavailableError(f"network policy needs corral.net: {exc}") from exc
+    finally:
+        os.close(launched.ready_r)
+        os.close(launched.sync_w)
+
+
+def _landlock_rules(plan: Plan) -> list[Any]:
+    from corral.kernel.landlock import PathRule
+
+    rules = [
+        PathRule(e.path, "write" if e.access == "rw" else "read")
+        for e in plan.filesystem.entries
+        if e.access != "deny"
+    ]
+    rules += [PathRule(PRIVATE_TMP, "write"), PathRule("/dev", "write"), PathRule("/proc", "read")]
+    return rules
+
+
+def _open_stdio(
+    options: LaunchOptions, child_fds: list[int]
+) -> tuple[tuple[IO[bytes] | None, ...], tuple[int | None, int | None, int | None], int | None, int | None]:
+    if options.pty is not None:
+        master, slave = os.openpty()
+        child_fds.append(slave)
+        rows, cols = options.pty
+        import fcntl
+        import struct
+        import termios
+
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        return (None, None, None), (None, None, None), master, slave
+    parent: list[IO[bytes] | None] = []
+    child: list[int | None] = []
+    for index, mode in enumerate((options.stdin, options.stdout, options.stderr)):
+        if mode == "inherit":
+            parent.append(None)
+            child.append(index)
+        elif mode == "devnull":
+            fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            child_fds.append(fd)
+            parent.append(None)
+            child.append(fd)
+        else:
+            r, w = os.pipe2(os.O_CLOEXEC)
+            mine, theirs = (w, r) if index == 0 else (r, w)
+            child_fds.append(theirs)
+            parent.append(os.fdopen(mine, "wb" if index == 0 else "rb", buffering=0))
+            child.append(theirs)
+    return tuple(parent), (child[0], child[1], child[2]), None, None
