@@ -90,11 +90,63 @@ class ResourcesSpec:
 
 
 @dataclass(frozen=True)
+class PublishSpec:
+    """A sandbox port reachable from the host (``corral.network.publish``)."""
+
+    host_port: int
+    sandbox_port: int
+    protocol: Literal["tcp", "udp"] = "tcp"
+
+
+@dataclass(frozen=True)
+class HostRule:
+    """An HTTP(S) destination by name, enforced by the proxy (``corral.network.hosts``)."""
+
+    host: str  # lower-case exact DNS name, or "*.suffix" for every subdomain of suffix
+    ports: tuple[int, ...] = (80, 443)
+    methods: tuple[str, ...] | None = None  # None: every method
+    paths: tuple[str, ...] | None = None  # None: every path; else path prefixes
+
+
+@dataclass(frozen=True)
+class HostRulesSpec:
+    allow: tuple[HostRule, ...] = ()
+    deny: tuple[HostRule, ...] = ()
+
+
+@dataclass(frozen=True)
+class CorralNetworkSpec:
+    publish: tuple[PublishSpec, ...] = ()
+    hosts: HostRulesSpec = field(default_factory=HostRulesSpec)
+    hosts_given: bool = False  # was `corral.network.hosts` present on the wire
+    tls_interception: bool = False
+
+
+@dataclass(frozen=True)
+class ActorSpec:
+    """Who asked: recorded in the audit trail."""
+
+    kind: Literal["agent", "human"]
+    name: str | None = None
+    session: str | None = None
+
+
+@dataclass(frozen=True)
+class ProtectedPathsSpec:
+    add: tuple[str, ...] = ()  # extra paths never granted, whatever the request says
+    relax: tuple[str, ...] = ()  # built-in protected paths this request may use
+
+
+@dataclass(frozen=True)
 class CorralSection:
     """Corral's own extensions (top-level ``corral`` key). Other layers add typed fields here;
     ``raw`` keeps the validated JSON for sections a layer reads itself."""
 
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
+    network: CorralNetworkSpec = field(default_factory=CorralNetworkSpec)
+    actor: ActorSpec | None = None
+    protected_paths: ProtectedPathsSpec = field(default_factory=ProtectedPathsSpec)
+    require_kvm: bool = False
     raw: dict[str, Any] = field(default_factory=dict)
 
 

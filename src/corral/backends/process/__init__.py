@@ -53,13 +53,17 @@ def _probe() -> BackendInfo:
     }
     if not root:
         mech["user-namespace"] = "caller's uid mapped to itself"
-    from corral.kernel import cgroups, landlock, seccomp
+    from corral.kernel import landlock
 
     abi = landlock.host_abi()
     if abi:
         mech["landlock"] = f"Landlock ABI {abi}"
-    if seccomp.available():
+    from corral.kernel import seccomp
+
+    if _seccomp_available():
         mech["seccomp"] = "default filter: " + ", ".join(seccomp.describe_default_filter()[:6]) + ", ..."
+    from corral.kernel import cgroups
+
     host = cgroups.detect()
     for controller in ("memory", "pids", "cpu"):
         where = host.usable.get(controller)
@@ -69,9 +73,14 @@ def _probe() -> BackendInfo:
         from corral import net
 
         mech.update(net.probe())
-    except ImportError:
+    except (ImportError, AttributeError):  # TEMP until corral.net lands
         pass
     return BackendInfo(NAME, True, mechanisms=mech, containments=CONTAINMENTS)
+
+
+def _seccomp_available() -> bool:
+    with open("/proc/self/status") as f:
+        return any(line.startswith("Seccomp:") for line in f)
 
 
 def launch(plan: Plan, options: LaunchOptions) -> SandboxProcess:
@@ -102,7 +111,7 @@ def launch(plan: Plan, options: LaunchOptions) -> SandboxProcess:
             landlock_rules=_landlock_rules(plan) if "landlock" in plan.mechanisms else [],
             landlock_prepare=landlock.prepare if "landlock" in plan.mechanisms else None,
             privileges=privileges.prepare_privilege_drop(),
-            seccomp=seccomp.prepare(seccomp.build_default_filter()) if "seccomp" in plan.mechanisms else None,
+            seccomp=seccomp.prepare_filter(seccomp.build_default_filter()) if "seccomp" in plan.mechanisms else None,
             pty_slave=pty_slave,
             stdio=child_stdio,
         )

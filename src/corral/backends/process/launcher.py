@@ -228,7 +228,7 @@ def exec_workload(spec: ChildSpec, landlock: Any, error_w: int) -> int:
         if fd != target:
             os.dup2(fd, target)
         os.set_inheritable(target, True)
-    _keep_only([0, 1, 2, error_w])
+    _keep_only([0, 1, 2, error_w, landlock.fileno() if landlock is not None else None])
     if spec.run_as is not None:
         uid, gid = spec.run_as
         os.setgroups([])
