@@ -9,7 +9,7 @@ venv="${CORRAL_VENV:-/opt/corral/venv}"
 
 apt_packages=(
   bubblewrap passt slirp4netns nftables iproute2 libseccomp2 python3-venv python3-dev
-  busybox-static qemu-system-x86 xvfb x11-utils xclip xdotool socat procps
+  busybox-static qemu-system-x86 xvfb x11-utils xclip xdotool socat procps acl
 )
 missing=()
 for p in "${apt_packages[@]}"; do

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import IO, Any
+from dataclasses import asdict, dataclass, field
+from typing import IO, TYPE_CHECKING, Any
 
 from corral.backends.base import LaunchOptions, SandboxProcess, StdioMode
 from corral.backends.process.handle import communicate
@@ -13,6 +13,10 @@ from corral.backends.registry import available_backends, get_backend
 from corral.contract.model import Request
 from corral.errors import CorralError, ErrorCode
 from corral.plan import Plan, backend_for, build_plan
+
+if TYPE_CHECKING:
+    from corral.audit.recorder import Recorder
+    from corral.policy.admin import AdminPolicy
 
 RequestLike = Request | Mapping[str, Any] | str | bytes
 
@@ -105,55 +109,90 @@ def parse(request: RequestLike, *, experimental: bool = False) -> Request:
 
 def plan(request: RequestLike, *, experimental: bool = False) -> Plan:
     """The effective-enforcement plan for a one-shot request, without running anything."""
-    req = parse(request, experimental=experimental)
+    from corral.policy.admin import AdminPolicy
+
+    return _plan(parse(request, experimental=experimental), AdminPolicy.load())
+
+
+def _plan(req: Request, admin: AdminPolicy | None) -> Plan:
     if not req.is_one_shot:
         raise CorralError(
             f"a {req.phase!r} request has no one-shot plan; use the lifecycle calls",
             code=ErrorCode.UNSUPPORTED_PHASE,
         )
-    req = _apply_admin(req)
-    return build_plan(req, get_backend(backend_for(req)).probe())
-
-
-def _apply_admin(req: Request) -> Request:
-    try:
-        from corral.policy.admin import AdminPolicy
-    except ImportError:
-        return req
-    admin = AdminPolicy.load()
-    return req if admin is None else admin.clamp(req).request
+    clamp = admin.clamp(req) if admin is not None else None
+    req = clamp.request if clamp is not None else req
+    return build_plan(req, get_backend(backend_for(req)).probe(), clamp)
 
 
 def launch(plan_: Plan, options: LaunchOptions) -> SandboxProcess:
     return get_backend(plan_.backend).launch(plan_, options)
 
 
+def audited_launch(
+    request: RequestLike, options: LaunchOptions, *, experimental: bool = False, audit: bool = True
+) -> tuple[Plan, SandboxProcess, Recorder]:
+    """Parse, clamp, plan and launch, recording request/refusal, plan and launch events."""
+    from corral.audit.recorder import Recorder
+    from corral.policy.admin import AdminPolicy
+
+    admin = AdminPolicy.load()
+    if admin is not None:
+        admin.check_audit(audit)
+    recorder = Recorder.open(enabled=audit)
+    try:
+        req = parse(request, experimental=experimental)
+        recorder = Recorder.open(enabled=audit, declared_actor=req.corral.actor)
+        p = _plan(req, admin)
+    except CorralError as exc:
+        recorder.emit("refusal", decision="deny", reason=exc.message, code=str(exc.code))
+        raise
+    recorder.emit("request", decision="allow", containment=p.containment, command=p.command[-1])
+    recorder.emit("plan", clauses=[asdict(c) for c in p.clauses], warnings=list(p.warnings))
+    proc = launch(p, options)
+    recorder.emit("launch", pid=proc.pid, backend=p.backend)
+    return p, proc, recorder
+
+
 def run(
-    request: RequestLike, *, input: bytes | None = None, experimental: bool = False
+    request: RequestLike,
+    *,
+    input: bytes | None = None,
+    experimental: bool = False,
+    audit: bool = True,
 ) -> ExecutionResult:
     """Run a one-shot request to completion and collect its output."""
-    p = plan(request, experimental=experimental)
     stdin: StdioMode = "pipe" if input else "devnull"
-    with launch(p, LaunchOptions(stdin=stdin)) as proc:
+    p, proc, recorder = audited_launch(
+        request, LaunchOptions(stdin=stdin), experimental=experimental, audit=audit
+    )
+    with proc:
         out, err = communicate(proc, input)
         code = proc.wait()
-        return ExecutionResult(
-            out.decode(errors="replace"), err.decode(errors="replace"), code, proc.timed_out, p.warnings
-        )
+    recorder.emit("timeout" if proc.timed_out else "exit", pid=proc.pid, exitCode=code)
+    return ExecutionResult(
+        out.decode(errors="replace"), err.decode(errors="replace"), code, proc.timed_out, p.warnings
+    )
 
 
-def spawn(request: RequestLike, *, experimental: bool = False) -> Process:
+def spawn(request: RequestLike, *, experimental: bool = False, audit: bool = True) -> Process:
     """Start a one-shot request; talk to it through pipes."""
-    p = plan(request, experimental=experimental)
-    return Process(launch(p, LaunchOptions()), p.warnings)
+    p, proc, _ = audited_launch(request, LaunchOptions(), experimental=experimental, audit=audit)
+    return Process(proc, p.warnings)
 
 
 def spawn_with_pty(
-    request: RequestLike, rows: int = 24, columns: int = 80, *, experimental: bool = False
+    request: RequestLike,
+    rows: int = 24,
+    columns: int = 80,
+    *,
+    experimental: bool = False,
+    audit: bool = True,
 ) -> Process:
     """Start a one-shot request on its own pseudo-terminal (``pty_fd`` is the master side)."""
-    p = plan(request, experimental=experimental)
-    return Process(launch(p, LaunchOptions(pty=(rows, columns))), p.warnings)
+    options = LaunchOptions(pty=(rows, columns))
+    p, proc, _ = audited_launch(request, options, experimental=experimental, audit=audit)
+    return Process(proc, p.warnings)
 
 
 def validate(request: RequestLike, *, experimental: bool = False) -> ValidationResult:

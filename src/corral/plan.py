@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from corral.backends.base import BackendInfo
 from corral.contract.model import NetworkSpec, Request, ResourcesSpec, UiSpec
@@ -14,6 +14,10 @@ from corral.errors import BackendUnavailableError, ErrorCode, PolicyError
 from corral.policy import baseline
 from corral.policy.environment import build_environment, choose_cwd
 from corral.policy.filesystem import Access, FilesystemPolicy, PathEntry, resolve_filesystem
+from corral.policy.protected import protected_paths
+
+if TYPE_CHECKING:
+    from corral.policy.admin import ClampResult
 
 NetworkMode = Literal["none", "rules", "proxy"]
 
@@ -113,8 +117,9 @@ def backend_for(request: Request) -> str:
     return LINUX_BACKENDS[containment]
 
 
-def build_plan(request: Request, info: BackendInfo) -> Plan:
-    """Turn a validated (and admin-clamped) request into the plan ``info``'s backend runs."""
+def build_plan(request: Request, info: BackendInfo, admin: ClampResult | None = None) -> Plan:
+    """Turn a validated request, already clamped by ``admin``, into the plan ``info``'s
+    backend runs."""
     if not info.available:
         raise BackendUnavailableError(
             f"backend {info.name!r} is not available on this host: {info.reason}"
@@ -122,7 +127,10 @@ def build_plan(request: Request, info: BackendInfo) -> Plan:
     assert request.process is not None, "one-shot and exec requests carry a process"
     mech = info.mechanisms
     clauses: list[Clause] = []
-    fs = resolve_filesystem(request.filesystem, extra=_baseline_entries())
+    fs = _with_protected(
+        resolve_filesystem(request.filesystem, extra=_baseline_entries()), request
+    )
+    clauses += _admin_clauses(admin)
     clauses += _filesystem_clauses(fs, mech)
     network = _network_plan(request)
     clauses += _network_clauses(network, mech)
@@ -159,6 +167,36 @@ def _baseline_entries() -> list[tuple[str, Access, str]]:
     return entries
 
 
+def _with_protected(fs: FilesystemPolicy, request: Request) -> FilesystemPolicy:
+    """Files a host later executes stay read-only even inside read-write grants; a missing
+    `.git/hooks` of a repository becomes an empty read-only placeholder the backend creates."""
+    rw_roots = [e.path for e in fs.entries if e.access == "rw" and e.is_dir and e.origin == "request"]
+    spec = request.corral.protected_paths
+    found = protected_paths(rw_roots, extra=spec.add, relax=spec.relax)
+    if not found:
+        return fs
+    known = {e.path for e in fs.entries}
+    extra = [
+        PathEntry(p.path, "ro", p.pattern, p.placeholder == "dir" or os.path.isdir(p.path),
+                  "protected-placeholder" if p.placeholder else "protected")
+        for p in found
+        if p.path not in known and (p.exists or p.placeholder)
+    ]  # fmt: skip
+    entries = sorted((*fs.entries, *extra), key=lambda e: (e.path.count("/"), e.path))
+    return FilesystemPolicy(tuple(entries), fs.warnings)
+
+
+def _admin_clauses(admin: ClampResult | None) -> list[Clause]:
+    if admin is None:
+        return []
+    note = f"admin policy {admin.source}" + (
+        " (from $CORRAL_ADMIN_POLICY, a test override)" if admin.source_from_env else ""
+    )
+    out = [Clause("admin", "admin policy", "applied", ("admin-policy",), note)]
+    out += [Clause("admin", a.clause, a.action, ("admin-policy",), a.detail) for a in admin.applied]
+    return out
+
+
 def _require(mech: dict[str, str], needed: str, what: str) -> tuple[str, ...]:
     if needed not in mech:
         raise BackendUnavailableError(
@@ -191,7 +229,8 @@ def _path_clause(
     )
     mechs = base + (landlock if (e.access != "deny" or not inside_grant) else ())
     note = "" if e.origin == "request" else e.origin
-    return Clause("filesystem", e.requested, decision, mechs, note)
+    subject = e.requested if e.origin == "request" else e.path
+    return Clause("filesystem", subject, decision, mechs, note)
 
 
 def _network_plan(request: Request) -> NetworkPlan:
@@ -286,6 +325,8 @@ def _isolation_clauses(mech: dict[str, str]) -> list[Clause]:
     out: list[Clause] = []
     for name, what in (
         ("pid-namespace", "host processes invisible"),
+        ("agent-identity", "workload runs under its own ephemeral uid"),
+        ("session-keyring", "own login session and kernel session keyring"),
         ("seccomp", "escape syscalls blocked (EPERM)"),
         ("capabilities", "all capabilities dropped, no_new_privs"),
         ("hypervisor", "guest kernel behind a hypervisor"),

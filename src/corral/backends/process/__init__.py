@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import secrets
+from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 from corral.backends.base import BackendInfo, LaunchOptions, SandboxProcess
@@ -65,15 +66,14 @@ def _probe() -> BackendInfo:
     from corral.kernel import cgroups
 
     host = cgroups.detect()
-    for controller in ("memory", "pids", "cpu"):
-        where = host.usable.get(controller)
-        if where:
-            mech[f"cgroup-{controller}"] = where
+    for name, placement in host.controllers.items():
+        if placement.writable:
+            mech[f"cgroup-{name}"] = f"cgroup v{placement.version} at {placement.mount}"
     try:
         from corral import net
 
         mech.update(net.probe())
-    except (ImportError, AttributeError):  # TEMP until corral.net lands
+    except ImportError:
         pass
     return BackendInfo(NAME, True, mechanisms=mech, containments=CONTAINMENTS)
 
@@ -83,11 +83,22 @@ def _seccomp_available() -> bool:
         return any(line.startswith("Seccomp:") for line in f)
 
 
-def launch(plan: Plan, options: LaunchOptions) -> SandboxProcess:
+def launch(
+    plan: Plan,
+    options: LaunchOptions,
+    *,
+    adjust: Callable[[ChildSpec], None] | None = None,
+    extra_cleanups: Sequence[Callable[[], None]] = (),
+) -> SandboxProcess:
+    """Launch ``plan``. Backends built on this one (``session``) pass ``adjust`` to edit the
+    child's spec before the fork and ``extra_cleanups``, run after this backend's own."""
     from corral.kernel import cgroups, landlock, privileges, seccomp
 
-    cleanups: list[Any] = []
+    cleanups: list[Any] = list(extra_cleanups)
     sandbox_id = secrets.token_hex(6)
+    for entry in plan.filesystem.entries:
+        if entry.origin == "protected-placeholder":
+            os.makedirs(entry.path, mode=0o755, exist_ok=True)
     child_fds: list[int] = []
     try:
         parent_streams, child_stdio, pty_master, pty_slave = _open_stdio(options, child_fds)
@@ -115,6 +126,8 @@ def launch(plan: Plan, options: LaunchOptions) -> SandboxProcess:
             pty_slave=pty_slave,
             stdio=child_stdio,
         )
+        if adjust is not None:
+            adjust(spec)
         launched = fork_sandbox(spec)
         for fd in child_fds:
             os.close(fd)

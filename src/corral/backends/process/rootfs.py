@@ -37,19 +37,25 @@ def plan_mounts(fs: FilesystemPolicy, *, private_tmp: bool = True) -> list[Mount
     """The ordered mount steps (computed in the parent, applied in the child)."""
     steps = [MountStep("symlink", p, target=t) for p, t in system_symlinks().items()]
     tmp_granted = any(e.path == PRIVATE_TMP for e in fs.entries if e.access != "deny")
-    if private_tmp and not tmp_granted:
-        steps.append(MountStep("tmpfs", PRIVATE_TMP, readonly=False))
+    private = private_tmp and not tmp_granted
     grants = [e for e in fs.entries if e.access != "deny"]
     for e in fs.entries:  # parents first
+        if private and e.path != PRIVATE_TMP and is_within(e.path, PRIVATE_TMP):
+            # Grants under /tmp go on top of the private /tmp, which goes on top of any
+            # grant of a parent (such as /).
+            steps.append(MountStep("tmpfs", PRIVATE_TMP, readonly=False))
+            private = False
         if e.access == "deny":
             # A denial matters only where something above it is visible; elsewhere the path
             # simply does not exist in the sandbox.
             if any(is_within(e.path, g.path) for g in grants) or (
-                private_tmp and is_within(e.path, PRIVATE_TMP)
+                private_tmp and not tmp_granted and is_within(e.path, PRIVATE_TMP)
             ):
                 steps.append(MountStep("deny", e.path, is_dir=e.is_dir))
         else:
             steps.append(MountStep("bind", e.path, readonly=e.access == "ro", is_dir=e.is_dir))
+    if private:  # nothing under /tmp was granted: the private /tmp goes on top of all
+        steps.append(MountStep("tmpfs", PRIVATE_TMP, readonly=False))
     return steps
 
 

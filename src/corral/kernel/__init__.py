@@ -1,0 +1,1 @@
+"""Thin typed wrappers over Linux isolation mechanisms, each usable and testable alone."""
