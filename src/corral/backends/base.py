@@ -74,6 +74,10 @@ class SandboxProcess(abc.ABC):
     def kill(self) -> None:
         """Kill every process of the sandbox (idempotent)."""
 
+    def expire(self) -> None:
+        """The plan's timeout passed: kill everything and report ``timed_out``."""
+        self.kill()
+
     def resize(self, rows: int, columns: int) -> None:
         raise NotImplementedError("this process was not started with a pty")
 
