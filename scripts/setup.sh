@@ -9,7 +9,7 @@ venv="${CORRAL_VENV:-/opt/corral/venv}"
 
 apt_packages=(
   bubblewrap passt slirp4netns nftables iproute2 libseccomp2 python3-venv python3-dev
-  busybox-static qemu-system-x86 xvfb x11-utils xclip xdotool socat procps acl
+  busybox-static qemu-system-x86 xvfb x11-utils xclip xdotool socat procps acl gcc libc6-dev
 )
 missing=()
 for p in "${apt_packages[@]}"; do
@@ -20,6 +20,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# The micro-VM guest kernel (Debian's, unpacked into /opt/corral/guest; cached).
+bash "$here/scripts/fetch-guest-kernel.sh"
 
 # Unprivileged user-mode networking (pasta/slirp4netns) needs the tun device usable (no udev here).
 [ -c /dev/net/tun ] && chmod 0666 /dev/net/tun || true

@@ -136,6 +136,7 @@ def build_plan(request: Request, info: BackendInfo, admin: ClampResult | None = 
     clauses += _network_clauses(network, mech)
     clauses += _ui_clauses(request.ui, mech)
     clauses += _resource_clauses(request.corral.resources, mech)
+    clauses += _kvm_clauses(request, mech)
     clauses += _isolation_clauses(mech)
     timeout = request.process.timeout_ms
     if timeout:
@@ -308,17 +309,43 @@ def _ui_clauses(ui: UiSpec, mech: dict[str, str]) -> list[Clause]:
     return out
 
 
+# Each limit, and the mechanisms that can enforce it (the first one the backend has wins).
+_RESOURCE_MECHANISMS = {
+    "memory": ("cgroup-memory", "guest-memory"),
+    "pids": ("cgroup-pids",),
+    "cpu": ("cgroup-cpu", "guest-cpus"),
+}
+
+
 def _resource_clauses(res: ResourcesSpec, mech: dict[str, str]) -> list[Clause]:
     out: list[Clause] = []
-    for name, value, key in (
-        ("memory", res.memory_mb and f"{res.memory_mb} MiB", "memory"),
-        ("pids", res.pids, "pids"),
-        ("cpu", res.cpu_percent and f"{res.cpu_percent}%", "cpu"),
+    for name, value in (
+        ("memory", res.memory_mb and f"{res.memory_mb} MiB"),
+        ("pids", res.pids),
+        ("cpu", res.cpu_percent and f"{res.cpu_percent}%"),
     ):
-        if value:
-            m = _require(mech, f"cgroup-{key}", f"corral.resources ({name} limit)")
-            out.append(Clause("resources", name, f"limit {value}", m))
+        if not value:
+            continue
+        options = _RESOURCE_MECHANISMS[name]
+        found = next((m for m in options if m in mech), None)
+        if found is None:
+            _require(mech, options[0], f"corral.resources ({name} limit)")
+        out.append(Clause("resources", name, f"limit {value}", (str(found),)))
     return out
+
+
+def _kvm_clauses(request: Request, mech: dict[str, str]) -> list[Clause]:
+    if not request.corral.require_kvm:
+        return []
+    hypervisor = mech.get("hypervisor", "")
+    if "kvm" not in hypervisor.lower() or "tcg" in hypervisor.lower():
+        raise BackendUnavailableError(
+            "corral.requireKvm is set but this backend has no usable KVM here"
+            + (f" ({hypervisor})" if hypervisor else " (it is not a micro-VM)"),
+            details={"mechanism": "kvm"},
+            remediation="run on a host with hardware virtualisation, or drop requireKvm",
+        )
+    return [Clause("isolation", "hardware virtualisation", "required", ("hypervisor",))]
 
 
 def _isolation_clauses(mech: dict[str, str]) -> list[Clause]:

@@ -1,0 +1,157 @@
+"""The `microvm` backend (also serving `vm`): the workload runs in a QEMU micro-VM whose guest
+sees only the plan's filesystem grants (9p from a private mount namespace) and has no network
+device; the guest kernel sits behind a hypervisor (KVM when a real probe boots, else TCG)."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import shutil
+
+from corral.backends.base import BackendInfo, LaunchOptions, SandboxProcess
+from corral.backends.microvm import accel, snapshot
+from corral.backends.microvm.image import (
+    DEFAULT_CACHE_DIR,
+    DEFAULT_GUEST_DIR,
+    GuestImage,
+    guest_image,
+)
+from corral.backends.microvm.process import GuestProcess
+from corral.backends.microvm.qemu import QEMU, Machine
+from corral.backends.microvm.vm import RUN_DIR, MicroVM
+from corral.errors import BackendUnavailableError, CorralError, PolicyError
+from corral.plan import Plan
+
+NAME = "microvm"
+CONTAINMENTS = ("microvm", "vm")
+DEFAULT_MEMORY_MB = 256
+MIN_MEMORY_MB = 128  # the guest kernel and agent need this much before the workload runs
+
+__all__ = ["GuestProcess", "MicroVM", "MicrovmBackend", "machine_for"]
+
+
+class MicrovmBackend:
+    name = NAME
+
+    def __init__(
+        self,
+        guest_dir: str = DEFAULT_GUEST_DIR,
+        cache_dir: str = DEFAULT_CACHE_DIR,
+        *,
+        fast_start: bool = True,
+    ) -> None:
+        self._guest_dir = guest_dir
+        self._cache_dir = cache_dir
+        self._fast_start = fast_start
+
+    def probe(self) -> BackendInfo:
+        return _probe(self._guest_dir, self._cache_dir)
+
+    def image(self) -> GuestImage:
+        return guest_image(self._guest_dir, self._cache_dir)
+
+    def accelerator(self) -> accel.Accelerator:
+        """KVM if a probe guest really boots under it on this host (cached per boot), else TCG."""
+        return accel.choose(self.image(), RUN_DIR)
+
+    def boot(self, plan: Plan) -> MicroVM:
+        """A VM for ``plan`` (filesystem, resources, network), resumed from the idle snapshot when
+        fast start is on (the first call per image and machine boots once to save it)."""
+        info = self.probe()
+        if not info.available:
+            raise BackendUnavailableError(f"the micro-VM backend is unavailable: {info.reason}")
+        if plan.network.mode != "none":
+            raise BackendUnavailableError(
+                "network rules in a micro-VM need QEMU's user networking wired through corral.net, "
+                "which this backend does not do yet; the VM can only run without network",
+                details={"mechanism": "microvm-network"},
+                remediation="drop the network rules, or use the process backend",
+            )
+        image = self.image()
+        machine = machine_for(plan, self.accelerator().name)
+        if not self._fast_start:
+            return MicroVM.boot(plan.filesystem, machine, image)
+        saved = snapshot.ensure(image, machine, self._cache_dir)
+        try:
+            return MicroVM.boot(plan.filesystem, machine, image, snapshot=saved)
+        except CorralError:
+            os.unlink(saved)  # a snapshot this QEMU cannot load: boot cold, save anew next time
+            return MicroVM.boot(plan.filesystem, machine, image)
+
+    def launch(self, plan: Plan, options: LaunchOptions) -> SandboxProcess:
+        """One shot: boot, run the plan's command, and shut the VM down when the handle closes."""
+        vm = self.boot(plan)
+        try:
+            proc = vm.exec(
+                plan.command,
+                cwd=plan.cwd,
+                env=plan.env,
+                timeout_ms=plan.timeout_ms,
+                options=options,
+            )
+        except BaseException:
+            vm.shutdown()
+            raise
+        proc.add_close_callback(vm.shutdown)
+        return proc
+
+
+def machine_for(plan: Plan, accelerator: str) -> Machine:
+    """Guest RAM and vCPUs from ``corral.resources``; limits a VM cannot enforce are refused."""
+    res = plan.resources
+    if res.pids:
+        raise PolicyError(
+            "corral.resources.pids is not enforced in a micro-VM (the guest has its own process table)",
+            remediation="drop the pids limit for microvm, or use the process backend",
+        )
+    memory = res.memory_mb or DEFAULT_MEMORY_MB
+    if memory < MIN_MEMORY_MB:
+        raise PolicyError(
+            f"a micro-VM needs at least {MIN_MEMORY_MB} MiB of memory (asked: {memory})",
+            remediation=f"raise corral.resources.memoryMb to {MIN_MEMORY_MB} or more",
+        )
+    cpus = 1
+    if res.cpu_percent:
+        if res.cpu_percent % 100:
+            raise PolicyError(
+                "a micro-VM limits CPU in whole vCPUs (cpu limit a multiple of 100%); "
+                f"{res.cpu_percent}% would need a cgroup on QEMU, which this backend does not set",
+                remediation="use 100, 200, ... for microvm",
+            )
+        cpus = res.cpu_percent // 100
+    if cpus > (os.cpu_count() or 1):
+        raise PolicyError(f"{cpus} vCPUs asked, the host has {os.cpu_count()} CPUs")
+    return Machine(accelerator, memory, math.ceil(cpus))
+
+
+@functools.cache
+def _probe(guest_dir: str, cache_dir: str) -> BackendInfo:
+    if shutil.which(QEMU) is None:
+        return BackendInfo(
+            NAME,
+            False,
+            f"{QEMU} is missing (apt-get install qemu-system-x86)",
+            containments=CONTAINMENTS,
+        )
+    if os.geteuid() != 0:
+        return BackendInfo(
+            NAME, False, "the micro-VM backend builds QEMU's filesystem view with mounts: run as root",
+            containments=CONTAINMENTS,
+        )  # fmt: skip
+    try:
+        image = guest_image(guest_dir, cache_dir)
+        chosen = accel.choose(image, RUN_DIR)
+    except CorralError as exc:
+        reason = exc.message + (f" ({exc.remediation})" if exc.remediation else "")
+        return BackendInfo(NAME, False, reason, containments=CONTAINMENTS)
+    mechanisms = {
+        "hypervisor": f"{QEMU} -M microvm, accel={chosen.name}: {chosen.detail}; guest {image.kernel_version}",
+        "guest-filesystem": "virtio-9p export of a staged root: read-only binds for read-only grants",
+        "mount-namespace": "QEMU runs in a private mount namespace holding only the granted paths "
+        "(denied paths covered), the 9p export's sole source",
+        "network-namespace": "QEMU runs in a private network namespace and the guest has no network device",
+        "guest-memory": "guest RAM = corral.resources.memoryMb (default 256 MiB)",
+        "guest-cpus": "vCPUs = corral.resources cpu / 100 (whole CPUs only)",
+    }
+    return BackendInfo(NAME, True, mechanisms=mechanisms, containments=CONTAINMENTS)

@@ -1,0 +1,98 @@
+"""QEMU's command line for a Corral micro-VM, and the few QMP commands Corral sends."""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from corral.backends.microvm.image import GuestImage
+from corral.errors import BackendUnavailableError, CorralError
+
+QEMU = "qemu-system-x86_64"
+AGENT_FD = 3  # the guest agent's channel: one end of a socketpair, passed to QEMU
+QMP_FD = 4
+NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=524288,cache=loose"
+
+
+@dataclass(frozen=True)
+class Machine:
+    accel: str  # "kvm" or "tcg"
+    memory_mb: int
+    cpus: int
+
+
+def argv(image: GuestImage, machine: Machine, stage_root: str, console_log: str) -> list[str]:
+    append = [
+        "console=ttyS0", "quiet", "panic=-1", "rdinit=/init", "reboot=t",
+        "i8042.noaux", "i8042.nokbd", "8250.nr_uarts=1", "nomodeset", "random.trust_cpu=on",
+    ]  # fmt: skip
+    if machine.accel == "tcg":
+        # Without it the guest calibrates the TSC against emulated timers, slowly and badly.
+        append.append(f"tsc_early_khz={host_tsc_khz()}")
+    return [
+        QEMU, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        # QEMU's own seccomp filter; spawning stays allowed for snapshots (migration via `cat`).
+        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny",
+        "-M", "microvm,x-option-roms=off,pit=off,pic=off",
+        "-accel", machine.accel,
+        "-cpu", "host" if machine.accel == "kvm" else "max",
+        "-m", str(machine.memory_mb), "-smp", str(machine.cpus),
+        "-kernel", image.kernel, "-initrd", image.initramfs, "-append", " ".join(append),
+        "-serial", f"file:{console_log}",
+        "-device", "virtio-serial-device",
+        "-chardev", f"socket,id=agent,fd={AGENT_FD}",
+        "-device", "virtserialport,chardev=agent,name=corral.agent",
+        # "none": passthrough that ignores the chown QEMU (running as nobody) may not do.
+        "-fsdev", f"local,id=root,path={stage_root},security_model=none,multidevs=remap",
+        "-device", "virtio-9p-device,fsdev=root,mount_tag=root",
+        "-chardev", f"socket,id=qmp,fd={QMP_FD}",
+        "-mon", "chardev=qmp,mode=control",
+    ]  # fmt: skip
+
+
+def host_tsc_khz() -> int:
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("cpu MHz"):
+                return int(float(line.split(":")[1]) * 1000)
+    raise BackendUnavailableError("cannot read the host CPU frequency from /proc/cpuinfo")
+
+
+class Qmp:
+    """A blocking QMP client over an already connected socket (one command at a time)."""
+
+    def __init__(self, sock: socket.socket, timeout: float = 10.0) -> None:
+        sock.settimeout(timeout)
+        self._file = sock.makefile("rwb")
+        self._sock = sock
+        self._ready = False
+
+    def command(self, name: str, **arguments: Any) -> Any:
+        if not self._ready:  # the handshake waits for the first command: QEMU may not be up yet
+            self._ready = True
+            self._read()  # greeting
+            self.command("qmp_capabilities")
+        request: dict[str, Any] = {"execute": name}
+        if arguments:
+            request["arguments"] = arguments
+        self._file.write(json.dumps(request).encode() + b"\n")
+        self._file.flush()
+        while True:
+            reply = self._read()
+            if "return" in reply:
+                return reply["return"]
+            if "error" in reply:
+                raise CorralError(f"QEMU refused {name}: {reply['error'].get('desc')}")
+
+    def _read(self) -> dict[str, Any]:
+        line = self._file.readline()
+        if not line:
+            raise CorralError("QEMU's monitor closed")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def close(self) -> None:
+        self._file.close()
+        self._sock.close()

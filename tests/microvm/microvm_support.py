@@ -1,0 +1,70 @@
+"""Helpers for the micro-VM tests: run a command in a booted VM and collect everything."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from corral.backends.microvm import MicroVM, MicrovmBackend
+from corral.contract.model import FilesystemSpec, ProcessSpec, Request
+from corral.plan import Plan, build_plan
+
+GUEST_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@dataclass
+class Tree:
+    ro: Path  # granted read-only
+    rw: Path  # granted read-write
+    denied: Path  # inside rw, denied
+    hidden: Path  # exists on the host, granted nowhere
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+    timed_out: bool
+
+
+def run(
+    vm: MicroVM, command: str, *, stdin: bytes = b"", timeout_ms: int = 0, cwd: str = "/"
+) -> Result:
+    proc = vm.exec(
+        ["/bin/sh", "-c", command], cwd=cwd, env={"PATH": GUEST_PATH}, timeout_ms=timeout_ms
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        proc.stdin.write(stdin)
+        proc.stdin.close()
+        out = proc.stdout.read().decode()
+        err = proc.stderr.read().decode()
+        code = proc.wait(timeout=120)
+        return Result(code, out, err, proc.timed_out)
+    finally:
+        proc.close()
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def make_plan(
+    backend: MicrovmBackend, tree: Tree, command: str = "true", timeout_ms: int = 0
+) -> Plan:
+    request = Request(
+        version="1.1.0-alpha",
+        containment="microvm",
+        process=ProcessSpec(command, timeout_ms=timeout_ms),
+        filesystem=FilesystemSpec(
+            readonly_paths=(str(tree.ro),),
+            readwrite_paths=(str(tree.rw),),
+            denied_paths=(str(tree.denied),),
+        ),
+    )
+    return build_plan(request, backend.probe())
