@@ -36,5 +36,7 @@ if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ] || ! "$venv/bin/
   "$venv/bin/pip" install -q --disable-pip-version-check -e "$here[net,service,microvm,test]"
   touch "$stamp"
 fi
+# Byte-compile once: `corral` starts faster, also where PYTHONDONTWRITEBYTECODE is set.
+"$venv/bin/python" -m compileall -q "$here/src" >/dev/null || true
 chmod -R a+rX "$(dirname "$venv")"
 echo "corral setup: ready ($venv)" >&2

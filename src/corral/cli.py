@@ -13,8 +13,14 @@ EXIT_UNPARSEABLE = 1
 EXIT_FAILURE = 255
 
 
+CORE_COMMANDS = ("exec", "backends")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    # Other layers' subcommands cost imports: load them only when they may be wanted.
+    parser = _parser(with_optional=first not in CORE_COMMANDS)
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
         parser.print_help(sys.stderr)
@@ -23,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(*, with_optional: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="corral", description="Policy-driven execution containers for AI agents."
     )
@@ -40,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     ex.set_defaults(handler=_cmd_exec)
     be = sub.add_parser("backends", help="backends and capabilities on this host (JSON)")
     be.set_defaults(handler=_cmd_backends)
-    _register_optional(sub)
+    if with_optional:
+        _register_optional(sub)
     return parser
 
 

@@ -22,6 +22,11 @@ from landlockpy import _syscall as landlock_syscall
 
 from corral.errors import BackendUnavailableError, CorralError, ErrorCode
 
+# landlockpy finds libc with ctypes.util.find_library, which spawns ldconfig (tens of ms) and,
+# done lazily, would run inside the sandbox's child; the process's own symbols include libc.
+if landlock_syscall._libc is None:
+    landlock_syscall._libc = ctypes.CDLL(None, use_errno=True)
+
 _SYS_LANDLOCK_RESTRICT_SELF = 446
 
 # Rights that make sense on a regular file; the kernel refuses directory rights on a file rule.

@@ -18,8 +18,6 @@ import errno
 import os
 from dataclasses import dataclass
 
-import pyseccomp
-
 from corral.errors import BackendUnavailableError
 
 PR_SET_SECCOMP = 22
@@ -76,6 +74,8 @@ def describe_default_filter() -> list[str]:
 
 
 def _syscall_number(name: str) -> int:
+    import pyseccomp
+
     number = int(pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name))
     if number < 0:
         raise BackendUnavailableError(
@@ -88,7 +88,44 @@ def _syscall_number(name: str) -> int:
 
 
 def build_default_filter() -> bytes:
+    """The default filter's BPF. For root it is cached in root's private run directory:
+    libseccomp's bindings look up their libraries with ldconfig at import, which costs more
+    than the rest of a launch. Other users compile it each time: a cache they can write could
+    be rewritten by a workload they granted that directory to."""
+    if os.geteuid() != 0:
+        return compile_default_filter()
+    path = _cache_path()
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        pass
+    bpf = compile_default_filter()
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(bpf)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return bpf
+
+
+def _cache_path() -> str:
+    import hashlib
+
+    from corral.backends.probe_cache import cache_dir
+
+    with open(__file__, "rb") as f:
+        source = hashlib.sha256(f.read()).hexdigest()[:16]
+    return os.path.join(cache_dir(), f"seccomp-{os.uname().machine}-{source}.bpf")
+
+
+def compile_default_filter() -> bytes:
     """Compile Corral's default policy to a BPF program for this host's native ABI."""
+    import pyseccomp
+
     eperm = pyseccomp.ERRNO(errno.EPERM)
     try:
         rules = pyseccomp.SyscallFilter(pyseccomp.ALLOW)

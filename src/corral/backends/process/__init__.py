@@ -34,6 +34,16 @@ class ProcessBackend:
 
 @functools.cache
 def _probe() -> BackendInfo:
+    from corral.backends.probe_cache import cached_probe
+
+    return cached_probe(NAME, _probe_host)
+
+
+def _unavailable(reason: str) -> BackendInfo:
+    return BackendInfo(NAME, False, reason, containments=CONTAINMENTS)
+
+
+def _probe_host() -> BackendInfo:
     root = os.geteuid() == 0
     if not root and not namespaces.unprivileged_userns_allowed():
         return BackendInfo(
@@ -54,15 +64,17 @@ def _probe() -> BackendInfo:
     }
     if not root:
         mech["user-namespace"] = "caller's uid mapped to itself"
-    from corral.kernel import landlock
+    from corral.kernel import landlock, seccomp
 
+    # Landlock and seccomp are part of what this backend promises: without them it refuses
+    # to run rather than run with less.
     abi = landlock.host_abi()
-    if abi:
-        mech["landlock"] = f"Landlock ABI {abi}"
-    from corral.kernel import seccomp
-
-    if _seccomp_available():
-        mech["seccomp"] = "default filter: " + ", ".join(seccomp.describe_default_filter()[:6]) + ", ..."
+    if not abi:
+        return _unavailable("the kernel has no Landlock (Linux >= 5.13 with lsm=landlock)")
+    mech["landlock"] = f"Landlock ABI {abi}"
+    if not _seccomp_available():
+        return _unavailable("the kernel has no seccomp filter support (CONFIG_SECCOMP_FILTER)")
+    mech["seccomp"] = "default filter: " + ", ".join(seccomp.describe_default_filter()[:6]) + ", ..."
     from corral.kernel import cgroups
 
     host = cgroups.detect()
@@ -76,6 +88,13 @@ def _probe() -> BackendInfo:
     except ImportError:
         pass
     return BackendInfo(NAME, True, mechanisms=mech, containments=CONTAINMENTS)
+
+
+@functools.cache
+def _seccomp_filter() -> Any:
+    from corral.kernel import seccomp
+
+    return seccomp.prepare_filter(seccomp.build_default_filter())
 
 
 def _seccomp_available() -> bool:
@@ -92,7 +111,7 @@ def launch(
 ) -> SandboxProcess:
     """Launch ``plan``. Backends built on this one (``session``) pass ``adjust`` to edit the
     child's spec before the fork and ``extra_cleanups``, run after this backend's own."""
-    from corral.kernel import cgroups, landlock, privileges, seccomp
+    from corral.kernel import cgroups, landlock, privileges
 
     cleanups: list[Any] = list(extra_cleanups)
     sandbox_id = secrets.token_hex(6)
@@ -119,10 +138,10 @@ def launch(
             gid=os.getgid(),
             cgroup_procs=cgroup.procs_files() if cgroup else [],
             wait_for_network=plan.network.mode != "none",
-            landlock_rules=_landlock_rules(plan) if "landlock" in plan.mechanisms else [],
-            landlock_prepare=landlock.prepare if "landlock" in plan.mechanisms else None,
+            landlock_rules=_landlock_rules(plan),
+            landlock_prepare=landlock.prepare,
             privileges=privileges.prepare_privilege_drop(),
-            seccomp=seccomp.prepare_filter(seccomp.build_default_filter()) if "seccomp" in plan.mechanisms else None,
+            seccomp=_seccomp_filter(),
             pty_slave=pty_slave,
             stdio=child_stdio,
         )
@@ -186,12 +205,15 @@ def _attach_network(plan: Plan, launched: Any, cleanups: list[Any]) -> None:
 
 
 def _landlock_rules(plan: Plan) -> list[Any]:
+    """Rules on the sandbox's own view (the ruleset is built inside it): /etc there is
+    Corral's allow-listed tmpfs, so one rule covers it instead of one per entry."""
     from corral.kernel.landlock import PathRule
 
-    rules = [
+    rules = [PathRule("/etc", "read")]
+    rules += [
         PathRule(e.path, "write" if e.access == "rw" else "read")
         for e in plan.filesystem.entries
-        if e.access != "deny"
+        if e.access != "deny" and not (e.origin == "baseline" and e.path.startswith("/etc/"))
     ]
     rules += [PathRule(PRIVATE_TMP, "write"), PathRule("/dev", "write"), PathRule("/proc", "read")]
     return rules

@@ -26,7 +26,7 @@ _DENY_MARK = "/.corral-denied"  # a 000 empty file and dir used to cover denied 
 
 @dataclass(frozen=True)
 class MountStep:
-    kind: str  # "bind" | "deny" | "tmpfs" | "symlink"
+    kind: str  # "bind" | "copy" | "deny" | "tmpfs" | "symlink"
     path: str  # path inside the sandbox
     readonly: bool = True
     is_dir: bool = True
@@ -52,6 +52,10 @@ def plan_mounts(fs: FilesystemPolicy, *, private_tmp: bool = True) -> list[Mount
                 private_tmp and not tmp_granted and is_within(e.path, PRIVATE_TMP)
             ):
                 steps.append(MountStep("deny", e.path, is_dir=e.is_dir))
+        elif e.origin == "baseline" and not e.is_dir and e.path.startswith("/etc/"):
+            # Small configuration files: a copy on the read-only root costs a fraction of a
+            # bind mount, and the copy cannot be used to reach anything else of the host.
+            steps.append(MountStep("copy", e.path, is_dir=False))
         else:
             steps.append(MountStep("bind", e.path, readonly=e.access == "ro", is_dir=e.is_dir))
     if private:  # nothing under /tmp was granted: the private /tmp goes on top of all
@@ -82,6 +86,10 @@ def build_root(steps: Sequence[MountStep]) -> None:
         elif step.kind == "tmpfs":
             _ensure_dir(target)
             mounts.mount("tmpfs", target, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, "mode=1777")
+        elif step.kind == "copy":
+            _ensure_parent(target)
+            with open(_OLD + step.path, "rb") as src, open(target, "wb") as dst:
+                dst.write(src.read())
         elif step.kind == "bind":
             _ensure_mountpoint(target, step.is_dir)
             mounts.bind(_OLD + step.path, target, readonly=step.readonly)
