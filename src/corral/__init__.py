@@ -3,7 +3,8 @@
     import corral
     result = corral.run({"process": {"commandLine": "ls"}, "filesystem": {"readonlyPaths": ["/src"]}})
 
-Public names are loaded on first use so that `corral` the command starts fast.
+Public names are loaded on first use so that `corral` the command starts fast. The plan of a
+request (what `corral exec --dry-run` prints) is `corral.api.plan(request)`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ if TYPE_CHECKING:
         ValidationResult,
         get_available_backends,
         get_platform_support,
-        plan,
         run,
         spawn,
         spawn_with_pty,
@@ -34,7 +34,6 @@ _LAZY = {
     "ValidationResult": "corral.api",
     "get_available_backends": "corral.api",
     "get_platform_support": "corral.api",
-    "plan": "corral.api",
     "run": "corral.api",
     "spawn": "corral.api",
     "spawn_with_pty": "corral.api",

@@ -7,6 +7,7 @@ waiting uses the exit descriptor and stream pipes through the event loop itself.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,8 +82,13 @@ class AsyncProcess:
             if exit_fd is None:
                 await asyncio.sleep(0.01)
                 continue
-            exited = loop.create_future()
-            loop.add_reader(exit_fd, lambda: exited.done() or exited.set_result(None))
+            exited: asyncio.Future[None] = loop.create_future()
+
+            def _exited(future: asyncio.Future[None] = exited) -> None:
+                if not future.done():
+                    future.set_result(None)
+
+            loop.add_reader(exit_fd, _exited)
             try:
                 timeout = None if deadline is None else max(0.0, deadline - loop.time())
                 await asyncio.wait_for(exited, timeout)
@@ -124,13 +130,17 @@ async def _wrap(proc: SandboxProcess, warnings: tuple[str, ...]) -> AsyncProcess
             readers.append(None)
             continue
         reader = asyncio.StreamReader()
-        await loop.connect_read_pipe(lambda r=reader: asyncio.StreamReaderProtocol(r), stream)
+        await loop.connect_read_pipe(_protocol_for(reader), stream)
         readers.append(reader)
     writer = None
     if proc.stdin is not None:
         transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, proc.stdin)
         writer = asyncio.StreamWriter(transport, protocol, None, loop)
     return AsyncProcess(proc, writer, readers[0], readers[1], warnings)
+
+
+def _protocol_for(reader: asyncio.StreamReader) -> Callable[[], asyncio.StreamReaderProtocol]:
+    return lambda: asyncio.StreamReaderProtocol(reader)
 
 
 async def get_available_backends() -> list[dict[str, Any]]:

@@ -1,0 +1,17 @@
+"""The fixed addressing of the user-mode network that connects a sandbox to the host.
+
+slirp4netns's defaults: the sandbox is 10.0.2.100 behind a virtual gateway; 10.0.2.2 (and
+fd00::2) is mapped to the host's loopback, 10.0.2.3 (and fd00::3) is a DNS forwarder. The
+addresses never depend on the host's own network, so the rules can name them statically.
+"""
+
+from __future__ import annotations
+
+SLIRP_CIDR = "10.0.2.0/24"
+GUEST_V4 = "10.0.2.100"
+HOST_LOOPBACK_V4 = "10.0.2.2"
+HOST_LOOPBACK_V6 = "fd00::2"
+DNS_FORWARDER_V4 = "10.0.2.3"
+DNS_FORWARDER_V6 = "fd00::3"
+TAP_NAME = "tap0"
+TABLE = "corral"  # one table per sandbox, in the sandbox's own network namespace

@@ -1,0 +1,313 @@
+"""Corral's policy proxy for ``corral.network.hosts``: an explicit HTTP proxy on the host's
+loopback, the sandbox's only way out besides its CIDR rules.
+
+- ``CONNECT host:port``: decided by host and port; the TLS ClientHello's SNI must name the
+  same host, then bytes flow with ``os.splice`` (zero-copy, no Python copying).
+- ``GET http://host/path`` (absolute form): decided by host, port, method and path; the
+  Host header must match; one request per connection, so a second request cannot ride on
+  an allowed one.
+- Names are resolved by Corral once and pinned for the sandbox's life; addresses on the
+  host's loopback, link-local, multicast or unspecified ranges are refused (no rebinding).
+- A refusal is ``403`` with a JSON body naming the rule; every decision goes to ``audit``.
+
+One thread per connection (blocking sockets make ``os.splice`` simple).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import h11
+
+from corral.contract.model import CorralNetworkSpec
+from corral.net import hostrules
+from corral.net.tls import client_hello_sni
+
+Resolver = Callable[[str, int], list[str]]
+CONNECT_TIMEOUT_S = 10.0
+_PIPE_SIZE = 1 << 20
+
+
+def system_resolver(host: str, port: int) -> list[str]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def not_local(addr: str) -> bool:
+    ip = ipaddress.ip_address(addr)
+    return not (ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified)
+
+
+class Refused(Exception):
+    def __init__(self, reason: str, rule: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.rule = rule
+
+
+class PolicyProxy:
+    def __init__(
+        self,
+        corral: CorralNetworkSpec,
+        *,
+        audit: Callable[[dict[str, Any]], None] | None = None,
+        resolver: Resolver = system_resolver,
+        address_ok: Callable[[str], bool] = not_local,
+        listen: str = "127.0.0.1",
+    ) -> None:
+        self._rules = corral.hosts
+        self._audit = audit
+        self._resolve = resolver
+        self._address_ok = address_ok
+        self._pinned: dict[str, list[str]] = {}
+        self._lock = threading.Lock()
+        self._server = socket.create_server((listen, 0))
+        self.port: int = self._server.getsockname()[1]
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._accept_loop, name="corral-proxy", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped = True
+        with contextlib.suppress(OSError):
+            self._server.shutdown(socket.SHUT_RDWR)
+        self._server.close()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+
+    def replace_rules(self, corral: CorralNetworkSpec) -> None:
+        self._rules = corral.hosts  # one reference swap: each connection reads it once
+
+    def describe(self) -> list[str]:
+        rules = self._rules
+        lines = [f"deny {hostrules.describe(r)}" for r in rules.deny]
+        lines += [f"allow {hostrules.describe(r)}" for r in rules.allow]
+        return [*lines, f"listening on host loopback port {self.port}; everything else denied"]
+
+    # -- connections ----------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        while not self._stopped:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(CONNECT_TIMEOUT_S)
+            h11conn = h11.Connection(h11.SERVER)
+            try:
+                request, body = _read_request(conn, h11conn)
+                if request.method == b"CONNECT":
+                    self._tunnel(conn, h11conn, request)
+                else:
+                    self._forward(conn, h11conn, request, body)
+            except Refused as refusal:
+                self._refuse(conn, h11conn, refusal)
+            except (OSError, h11.ProtocolError, ValueError):
+                return
+
+    def _tunnel(self, conn: socket.socket, h11conn: h11.Connection, request: h11.Request) -> None:
+        host, port = _split_authority(request.target.decode("ascii", "replace"), 443)
+        self._check(host, port, None, None)
+        upstream = self._connect(host, port)
+        with upstream:
+            conn.sendall(h11conn.send(h11.Response(status_code=200, headers=[])) or b"")
+            leftover = bytes(h11conn.trailing_data[0])
+            sni = client_hello_sni(leftover or _peek_hello(conn))
+            if sni is not None and sni.lower().rstrip(".") != host.lower().rstrip("."):
+                self._record(False, host, port, None, None, f"SNI {sni!r} does not match {host!r}")
+                return
+            if leftover:
+                upstream.sendall(leftover)
+            conn.settimeout(None)
+            upstream.settimeout(None)
+            _splice_both_ways(conn, upstream)
+
+    def _forward(
+        self, conn: socket.socket, h11conn: h11.Connection, request: h11.Request, body: bytes
+    ) -> None:
+        target = request.target.decode("ascii", "replace")
+        if not target.startswith("http://"):
+            raise Refused("only absolute http:// URLs and CONNECT are proxied", "proxy protocol")
+        authority, _, rest = target[len("http://") :].partition("/")
+        host, port = _split_authority(authority, 80)
+        path = "/" + rest
+        host_header = _header(request, b"host")
+        if host_header is not None and _split_authority(host_header, 80) != (host, port):
+            raise Refused(f"Host header {host_header!r} does not match {authority!r}", "host match")
+        self._check(host, port, request.method.decode(), path)
+        upstream = self._connect(host, port)
+        with upstream:
+            client = h11.Connection(h11.CLIENT)
+            headers = [(k, v) for k, v in request.headers if k.lower() not in _HOP_BY_HOP]
+            headers.append((b"connection", b"close"))
+            out = client.send(h11.Request(method=request.method, target=path, headers=headers))
+            out = (out or b"") + (client.send(h11.Data(data=body)) or b"") if body else out or b""
+            upstream.sendall(out + (client.send(h11.EndOfMessage()) or b""))
+            conn.settimeout(None)
+            upstream.settimeout(None)
+            _splice(upstream, conn)  # the response; the client gets no second request in
+
+    # -- decisions --------------------------------------------------------------------------
+    def _check(self, host: str, port: int, method: str | None, path: str | None) -> None:
+        decision = hostrules.decide(self._rules, host, port, method, path)
+        self._record(decision.allowed, host, port, method, path, decision.rule)
+        if not decision.allowed:
+            raise Refused(
+                f"{method or 'CONNECT'} {host}:{port}{path or ''} is denied", decision.rule
+            )
+
+    def _connect(self, host: str, port: int) -> socket.socket:
+        for addr in self._pin(host, port):
+            try:
+                return socket.create_connection((addr, port), timeout=CONNECT_TIMEOUT_S)
+            except OSError:
+                continue
+        raise Refused(f"cannot connect to {host}:{port}", "upstream unreachable")
+
+    def _pin(self, host: str, port: int) -> list[str]:
+        with self._lock:
+            pinned = self._pinned.get(host)
+        if pinned is None:
+            try:
+                found = self._resolve(host, port)
+            except OSError as exc:
+                raise Refused(f"cannot resolve {host}: {exc}", "dns") from exc
+            bad = [a for a in found if not self._address_ok(a)]
+            if bad or not found:
+                self._record(False, host, port, None, None, f"resolves to refused {bad}")
+                raise Refused(f"{host} resolves to refused addresses {bad}", "dns rebinding")
+            with self._lock:
+                pinned = self._pinned.setdefault(host, found)
+        return pinned
+
+    def _record(
+        self, allowed: bool, host: str, port: int, method: str | None, path: str | None, rule: str
+    ) -> None:
+        if self._audit is not None:
+            self._audit(
+                {
+                    "event": "network.proxy",
+                    "decision": "allow" if allowed else "deny",
+                    "host": host,
+                    "port": port,
+                    "method": method or "CONNECT",
+                    "path": path,
+                    "rule": rule,
+                }
+            )
+
+    def _refuse(self, conn: socket.socket, h11conn: h11.Connection, refusal: Refused) -> None:
+        body = json.dumps(
+            {
+                "error": "denied by Corral network policy",
+                "reason": refusal.reason,
+                "rule": refusal.rule,
+            }
+        ).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        try:
+            conn.sendall(h11conn.send(h11.Response(status_code=403, headers=headers)) or b"")
+            conn.sendall(h11conn.send(h11.Data(data=body)) or b"")
+            conn.sendall(h11conn.send(h11.EndOfMessage()) or b"")
+        except (OSError, h11.LocalProtocolError):
+            pass
+
+
+_HOP_BY_HOP = {b"connection", b"proxy-connection", b"keep-alive", b"proxy-authorization", b"te",
+               b"trailer", b"transfer-encoding", b"upgrade"}  # fmt: skip
+
+
+def _read_request(conn: socket.socket, h11conn: h11.Connection) -> tuple[h11.Request, bytes]:
+    request: h11.Request | None = None
+    body = b""
+    while True:
+        event = h11conn.next_event()
+        if event is h11.NEED_DATA:
+            h11conn.receive_data(conn.recv(65536))
+        elif isinstance(event, h11.Request):
+            request = event
+            if event.method == b"CONNECT":
+                return event, b""
+        elif isinstance(event, h11.Data):
+            body += bytes(event.data)
+        elif isinstance(event, h11.EndOfMessage) and request is not None:
+            return request, body
+        else:
+            raise ValueError("the client closed before sending a request")
+
+
+def _header(request: h11.Request, name: bytes) -> str | None:
+    for key, value in request.headers:
+        if key.lower() == name:
+            return bytes(value).decode("ascii", "replace")
+    return None
+
+
+def _split_authority(authority: str, default_port: int) -> tuple[str, int]:
+    authority = authority.rpartition("@")[2]
+    if authority.startswith("["):
+        host, _, rest = authority[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port_text = authority.partition(":")
+    port = int(port_text) if port_text else default_port
+    if not host or not 0 < port < 65536:
+        raise Refused(f"bad destination {authority!r}", "proxy protocol")
+    return host.lower().rstrip("."), port
+
+
+def _peek_hello(conn: socket.socket) -> bytes:
+    """The client's first bytes, waiting (briefly) for a whole TLS record when it is one."""
+    data = b""
+    for _ in range(20):
+        data = conn.recv(16384, socket.MSG_PEEK)
+        if not data or data[0] != 0x16 or client_hello_sni(data) != "" or len(data) >= 16384:
+            return data
+        threading.Event().wait(0.05)
+    return data
+
+
+def _splice(src: socket.socket, dst: socket.socket) -> None:
+    """Copy ``src`` to ``dst`` until EOF through a kernel pipe, then half-close ``dst``."""
+    read_end, write_end = os.pipe()
+    try:
+        while True:
+            moved = os.splice(src.fileno(), write_end, _PIPE_SIZE)
+            if moved == 0:
+                break
+            while moved:
+                moved -= os.splice(read_end, dst.fileno(), moved)
+    except OSError:
+        pass
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+def _splice_both_ways(a: socket.socket, b: socket.socket) -> None:
+    back = threading.Thread(target=_splice, args=(b, a), daemon=True)
+    back.start()
+    _splice(a, b)
+    back.join()
+
+
+__all__: Sequence[str] = ("PolicyProxy", "not_local", "system_resolver")
