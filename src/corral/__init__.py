@@ -27,6 +27,21 @@ if TYPE_CHECKING:
         validate,
     )
     from corral.contract.model import Request
+    from corral.lifecycle.api import (
+        ProvisionResult,
+        deprovision_container,
+        provision_container,
+        run_in_container,
+        spawn_in_container,
+        spawn_in_container_with_pty,
+        start_container,
+        stop_container,
+        validate_deprovision,
+        validate_exec,
+        validate_provision,
+        validate_start,
+        validate_stop,
+    )
 
 _LAZY = {
     "ExecutionResult": "corral.api",
@@ -39,6 +54,19 @@ _LAZY = {
     "spawn_with_pty": "corral.api",
     "validate": "corral.api",
     "Request": "corral.contract.model",
+    "ProvisionResult": "corral.lifecycle.api",
+    "provision_container": "corral.lifecycle.api",
+    "start_container": "corral.lifecycle.api",
+    "run_in_container": "corral.lifecycle.api",
+    "spawn_in_container": "corral.lifecycle.api",
+    "spawn_in_container_with_pty": "corral.lifecycle.api",
+    "stop_container": "corral.lifecycle.api",
+    "deprovision_container": "corral.lifecycle.api",
+    "validate_provision": "corral.lifecycle.api",
+    "validate_start": "corral.lifecycle.api",
+    "validate_exec": "corral.lifecycle.api",
+    "validate_stop": "corral.lifecycle.api",
+    "validate_deprovision": "corral.lifecycle.api",
 }
 
 __all__ = ["CorralError", "ErrorCode", *_LAZY]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import IO, TYPE_CHECKING, Any
 
 from corral.backends.base import LaunchOptions, SandboxProcess, StdioMode
@@ -149,7 +149,7 @@ def audited_launch(
         raise
     recorder.emit("request", decision="allow", containment=p.containment, command=p.command[-1])
     recorder.emit("plan", clauses=[asdict(c) for c in p.clauses], warnings=list(p.warnings))
-    proc = launch(p, options)
+    proc = launch(p, replace(options, audit=recorder.network_decision))
     recorder.emit("launch", pid=proc.pid, backend=p.backend)
     return p, proc, recorder
 

@@ -150,6 +150,8 @@ def _lifecycle(args: argparse.Namespace, request: Any) -> int:
         ) from None
     result = lifecycle.handle(request)
     print(json.dumps({"result": result}))
+    if request.phase == "exec":  # as the reference CLI: the workload's own exit code
+        return EXIT_FAILURE if result["timedOut"] else int(result["exitCode"])
     return 0
 
 

@@ -41,3 +41,14 @@ class Recorder:
                 data=data,
             )
         )
+
+    def network_decision(self, event: dict[str, Any]) -> None:
+        """Callback for corral.net: each proxy or rule decision becomes an audit event."""
+        data = {k: v for k, v in event.items() if k not in ("decision", "reason", "pid")}
+        self.emit(
+            "network_decision",
+            pid=event.get("pid"),
+            decision=event.get("decision"),
+            reason=event.get("reason") or event.get("rule"),
+            **data,
+        )

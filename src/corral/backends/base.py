@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ class LaunchOptions:
     stdout: StdioMode = "pipe"
     stderr: StdioMode = "pipe"
     pty: tuple[int, int] | None = None  # (rows, columns): one terminal for all three streams
+    audit: Callable[[dict[str, Any]], None] | None = None  # enforcement decisions (network, ...)
 
 
 class SandboxProcess(abc.ABC):

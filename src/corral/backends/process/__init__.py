@@ -3,6 +3,7 @@ Landlock, seccomp, dropped capabilities and cgroups, all applied by Corral itsel
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -102,6 +103,32 @@ def _seccomp_available() -> bool:
         return any(line.startswith("Seccomp:") for line in f)
 
 
+def child_spec(plan: Plan, cgroup: Any, **overrides: Any) -> ChildSpec:
+    """Everything the sandbox's children need for ``plan``, prepared in the caller (shared by
+    one-shot launches and long-lived sandboxes)."""
+    from corral.kernel import landlock, privileges
+
+    for entry in plan.filesystem.entries:
+        if entry.origin == "protected-placeholder":
+            os.makedirs(entry.path, mode=0o755, exist_ok=True)
+    spec = ChildSpec(
+        command=plan.command,
+        env=dict(plan.env),
+        cwd=plan.cwd,
+        mount_steps=plan_mounts(plan.filesystem),
+        unprivileged=os.geteuid() != 0,
+        uid=os.getuid(),
+        gid=os.getgid(),
+        cgroup_procs=cgroup.procs_files() if cgroup else [],
+        wait_for_network=plan.network.mode != "none",
+        landlock_rules=_landlock_rules(plan),
+        landlock_prepare=landlock.prepare,
+        privileges=privileges.prepare_privilege_drop(),
+        seccomp=_seccomp_filter(),
+    )
+    return dataclasses.replace(spec, **overrides)
+
+
 def launch(
     plan: Plan,
     options: LaunchOptions,
@@ -111,13 +138,10 @@ def launch(
 ) -> SandboxProcess:
     """Launch ``plan``. Backends built on this one (``session``) pass ``adjust`` to edit the
     child's spec before the fork and ``extra_cleanups``, run after this backend's own."""
-    from corral.kernel import cgroups, landlock, privileges
+    from corral.kernel import cgroups
 
     cleanups: list[Any] = list(extra_cleanups)
     sandbox_id = secrets.token_hex(6)
-    for entry in plan.filesystem.entries:
-        if entry.origin == "protected-placeholder":
-            os.makedirs(entry.path, mode=0o755, exist_ok=True)
     child_fds: list[int] = []
     try:
         parent_streams, child_stdio, pty_master, pty_slave = _open_stdio(options, child_fds)
@@ -128,23 +152,7 @@ def launch(
                 f"sandbox-{sandbox_id}", memory_mb=res.memory_mb, pids=res.pids, cpu_percent=res.cpu_percent
             )
             cleanups.append(cgroup.remove)
-        spec = ChildSpec(
-            command=plan.command,
-            env=dict(plan.env),
-            cwd=plan.cwd,
-            mount_steps=plan_mounts(plan.filesystem),
-            unprivileged=os.geteuid() != 0,
-            uid=os.getuid(),
-            gid=os.getgid(),
-            cgroup_procs=cgroup.procs_files() if cgroup else [],
-            wait_for_network=plan.network.mode != "none",
-            landlock_rules=_landlock_rules(plan),
-            landlock_prepare=landlock.prepare,
-            privileges=privileges.prepare_privilege_drop(),
-            seccomp=_seccomp_filter(),
-            pty_slave=pty_slave,
-            stdio=child_stdio,
-        )
+        spec = child_spec(plan, cgroup, pty_slave=pty_slave, stdio=child_stdio)
         if adjust is not None:
             adjust(spec)
         launched = fork_sandbox(spec)
@@ -152,7 +160,7 @@ def launch(
             os.close(fd)
         child_fds.clear()
         if spec.wait_for_network:
-            _attach_network(plan, launched, cleanups)
+            _attach_network(plan, launched, cleanups, options)
         error = read_launch_error(launched.error_r)
         if error:
             os.close(launched.lifeline_w)
@@ -181,14 +189,14 @@ def launch(
         raise
 
 
-def _attach_network(plan: Plan, launched: Any, cleanups: list[Any]) -> None:
+def _attach_network(plan: Plan, launched: Any, cleanups: list[Any], options: LaunchOptions) -> None:
     assert launched.ready_r is not None and launched.sync_w is not None
     try:
         if os.read(launched.ready_r, 1) != b"R":
             return  # the child failed; its error arrives on the error pipe
         from corral import net
 
-        attachment = net.attach(plan.network, pid=launched.pid)
+        attachment = net.attach(plan.network, pid=launched.pid, audit=options.audit)
         cleanups.append(attachment.close)
         inside = attachment.proxy_url_inside
         overrides = {
