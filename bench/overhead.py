@@ -24,7 +24,11 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     ws = tempfile.mkdtemp(prefix="corral-overhead-")
-    shutil.copytree(STDLIB, f"{ws}/lib", ignore=shutil.ignore_patterns("__pycache__", "site-packages", "dist-packages", "test"))
+    shutil.copytree(
+        STDLIB,
+        f"{ws}/lib",
+        ignore=shutil.ignore_patterns("__pycache__", "site-packages", "dist-packages", "test"),
+    )
     command = f"/usr/bin/python3 -m compileall -q -f -j 1 {ws}/lib"
     request = {
         "version": "1.0.0",

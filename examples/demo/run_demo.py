@@ -72,7 +72,9 @@ def main() -> int:
     wrong = [o[0] for i, o in enumerate(outcomes) if i not in expected[o[1]]]
 
     print("\n== The same run through the CLI (corral exec):")
-    cli = subprocess.run([sys.executable, "-m", "corral", "exec", config], capture_output=True, text=True)
+    cli = subprocess.run(
+        [sys.executable, "-m", "corral", "exec", config], capture_output=True, text=True
+    )
     print(f"   exit code {cli.returncode}; {len(json.loads(cli.stdout))} checks reported")
     server.shutdown()
     if wrong or cli.returncode != 0:

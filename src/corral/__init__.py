@@ -69,7 +69,33 @@ _LAZY = {
     "validate_deprovision": "corral.lifecycle.api",
 }
 
-__all__ = ["CorralError", "ErrorCode", *_LAZY]
+__all__ = [
+    "CorralError",
+    "ErrorCode",
+    "ExecutionResult",
+    "Process",
+    "ProvisionResult",
+    "Request",
+    "ValidationResult",
+    "deprovision_container",
+    "get_available_backends",
+    "get_platform_support",
+    "provision_container",
+    "run",
+    "run_in_container",
+    "spawn",
+    "spawn_in_container",
+    "spawn_in_container_with_pty",
+    "spawn_with_pty",
+    "start_container",
+    "stop_container",
+    "validate",
+    "validate_deprovision",
+    "validate_exec",
+    "validate_provision",
+    "validate_start",
+    "validate_stop",
+]
 __version__ = "0.1.0"
 
 

@@ -115,7 +115,9 @@ class AsyncProcess:
         await self.close()
 
 
-async def spawn(request: RequestLike, *, experimental: bool = False, audit: bool = True) -> AsyncProcess:
+async def spawn(
+    request: RequestLike, *, experimental: bool = False, audit: bool = True
+) -> AsyncProcess:
     p, proc, _ = await asyncio.to_thread(
         api.audited_launch, request, LaunchOptions(), experimental=experimental, audit=audit
     )
@@ -134,7 +136,9 @@ async def _wrap(proc: SandboxProcess, warnings: tuple[str, ...]) -> AsyncProcess
         readers.append(reader)
     writer = None
     if proc.stdin is not None:
-        transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, proc.stdin)
+        transport, protocol = await loop.connect_write_pipe(
+            asyncio.streams.FlowControlMixin, proc.stdin
+        )
         writer = asyncio.StreamWriter(transport, protocol, None, loop)
     return AsyncProcess(proc, writer, readers[0], readers[1], warnings)
 

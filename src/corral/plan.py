@@ -127,9 +127,7 @@ def build_plan(request: Request, info: BackendInfo, admin: ClampResult | None = 
     assert request.process is not None, "one-shot and exec requests carry a process"
     mech = info.mechanisms
     clauses: list[Clause] = []
-    fs = _with_protected(
-        resolve_filesystem(request.filesystem, extra=_baseline_entries()), request
-    )
+    fs = _with_protected(resolve_filesystem(request.filesystem, extra=_baseline_entries()), request)
     clauses += _admin_clauses(admin)
     clauses += _filesystem_clauses(fs, mech)
     network = _network_plan(request)
@@ -171,7 +169,9 @@ def _baseline_entries() -> list[tuple[str, Access, str]]:
 def _with_protected(fs: FilesystemPolicy, request: Request) -> FilesystemPolicy:
     """Files a host later executes stay read-only even inside read-write grants; a missing
     `.git/hooks` of a repository becomes an empty read-only placeholder the backend creates."""
-    rw_roots = [e.path for e in fs.entries if e.access == "rw" and e.is_dir and e.origin == "request"]
+    rw_roots = [
+        e.path for e in fs.entries if e.access == "rw" and e.is_dir and e.origin == "request"
+    ]
     spec = request.corral.protected_paths
     found = protected_paths(rw_roots, extra=spec.add, relax=spec.relax)
     if not found:

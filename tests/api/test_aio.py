@@ -15,12 +15,16 @@ async def test_run() -> None:
 
 
 async def test_runs_concurrently() -> None:
-    results = await asyncio.gather(*(aio.run({"process": {"commandLine": f"echo {i}"}}) for i in range(5)))
+    results = await asyncio.gather(
+        *(aio.run({"process": {"commandLine": f"echo {i}"}}) for i in range(5))
+    )
     assert [r.stdout for r in results] == [f"{i}\n" for i in range(5)]
 
 
 async def test_spawn_streams() -> None:
-    async with await aio.spawn({"process": {"commandLine": "read x; echo got $x; echo e >&2"}}) as proc:
+    async with await aio.spawn(
+        {"process": {"commandLine": "read x; echo got $x; echo e >&2"}}
+    ) as proc:
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
         proc.stdin.write(b"hi\n")
         await proc.stdin.drain()

@@ -72,7 +72,9 @@ def test_cwd_outside_grants_is_refused() -> None:
 
 def test_missing_path_is_a_warning(tmp_path: os.PathLike[str]) -> None:
     missing = os.path.join(tmp_path, "nope")
-    result = corral.run({"process": {"commandLine": "true"}, "filesystem": {"readonlyPaths": [missing]}})
+    result = corral.run(
+        {"process": {"commandLine": "true"}, "filesystem": {"readonlyPaths": [missing]}}
+    )
     assert result.exit_code == 0
     assert any("does not exist" in w for w in result.warnings)
 
@@ -96,7 +98,9 @@ def test_spawn_streams_and_kill() -> None:
 
 
 def test_spawn_with_pty_and_resize() -> None:
-    with corral.spawn_with_pty({"process": {"commandLine": "stty size; sleep 0.3; stty size"}}, rows=30, columns=100) as proc:
+    with corral.spawn_with_pty(
+        {"process": {"commandLine": "stty size; sleep 0.3; stty size"}}, rows=30, columns=100
+    ) as proc:
         time.sleep(0.1)
         proc.resize(40, 120)
         out, _ = proc.communicate()

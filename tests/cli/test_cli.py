@@ -9,18 +9,21 @@ import subprocess
 import sys
 
 import pytest
-
 from tests.conftest import SRC
 
 
-def corral_cli(*args: str, config: object | None = None, tmp: str = "/tmp") -> subprocess.CompletedProcess[str]:
+def corral_cli(
+    *args: str, config: object | None = None, tmp: str = "/tmp"
+) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "corral", *args]
     if config is not None:
         path = os.path.join(tmp, "request.json")
         with open(path, "w") as f:
             f.write(config if isinstance(config, str) else json.dumps(config))
         argv.append(path)
-    return subprocess.run(argv, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": SRC})
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": SRC}
+    )
 
 
 @pytest.fixture
@@ -29,35 +32,55 @@ def tmp(tmp_path: os.PathLike[str]) -> str:
 
 
 def test_exit_code_is_the_workloads(tmp: str) -> None:
-    r = corral_cli("exec", config={"version": "1.0.0", "process": {"commandLine": "echo hi; exit 7"}}, tmp=tmp)
+    r = corral_cli(
+        "exec", config={"version": "1.0.0", "process": {"commandLine": "echo hi; exit 7"}}, tmp=tmp
+    )
     assert (r.returncode, r.stdout) == (7, "hi\n")
 
 
 def test_unparseable_request_exits_1(tmp: str) -> None:
     assert corral_cli("exec", config="{nope", tmp=tmp).returncode == 1
-    r = corral_cli("exec", config={"version": "1.0.0", "process": {"commandLine": "x", "foo": 1}}, tmp=tmp)
+    r = corral_cli(
+        "exec", config={"version": "1.0.0", "process": {"commandLine": "x", "foo": 1}}, tmp=tmp
+    )
     assert r.returncode == 1 and "process.foo" in r.stderr
 
 
 def test_policy_failure_exits_255_with_envelope(tmp: str) -> None:
-    r = corral_cli("exec", config={"version": "1.0.0", "containment": "wslc", "process": {"commandLine": "true"}}, tmp=tmp)
+    r = corral_cli(
+        "exec",
+        config={"version": "1.0.0", "containment": "wslc", "process": {"commandLine": "true"}},
+        tmp=tmp,
+    )
     assert r.returncode == 255
-    assert json.loads(r.stderr.strip().splitlines()[-1])["error"]["code"] == "unsupported_containment"
+    assert (
+        json.loads(r.stderr.strip().splitlines()[-1])["error"]["code"] == "unsupported_containment"
+    )
 
 
 def test_timeout_exits_255(tmp: str) -> None:
-    r = corral_cli("exec", config={"version": "1.0.0", "process": {"commandLine": "sleep 20", "timeout": 200}}, tmp=tmp)
+    r = corral_cli(
+        "exec",
+        config={"version": "1.0.0", "process": {"commandLine": "sleep 20", "timeout": 200}},
+        tmp=tmp,
+    )
     assert r.returncode == 255
     assert json.loads(r.stderr.strip().splitlines()[-1])["error"]["details"]["timedOut"] is True
 
 
 def test_dry_run_prints_plan_table_and_json(tmp: str) -> None:
-    config = {"version": "1.0.0", "process": {"commandLine": "true"}, "filesystem": {"readonlyPaths": [tmp]}}
+    config = {
+        "version": "1.0.0",
+        "process": {"commandLine": "true"},
+        "filesystem": {"readonlyPaths": [tmp]},
+    }
     table = corral_cli("exec", "--dry-run", config=config, tmp=tmp)
     assert table.returncode == 0 and "read-only" in table.stdout and "ENFORCED BY" in table.stdout
     js = corral_cli("exec", "--dry-run", "--json", config=config, tmp=tmp)
     plan = json.loads(js.stdout)
-    assert any(c["subject"] == tmp and "mount-namespace" in c["mechanisms"] for c in plan["clauses"])
+    assert any(
+        c["subject"] == tmp and "mount-namespace" in c["mechanisms"] for c in plan["clauses"]
+    )
 
 
 def test_config_flag_and_base64() -> None:
@@ -68,7 +91,11 @@ def test_config_flag_and_base64() -> None:
 
 
 def test_experimental_gate(tmp: str) -> None:
-    config = {"version": "1.1.0-alpha", "containment": "microvm", "process": {"commandLine": "true"}}
+    config = {
+        "version": "1.1.0-alpha",
+        "containment": "microvm",
+        "process": {"commandLine": "true"},
+    }
     r = corral_cli("exec", "--dry-run", config=config, tmp=tmp)
     assert r.returncode == 1 and "experimental" in r.stderr
 

@@ -94,7 +94,7 @@ def bpf():
 
 
 def tiocsti():
-    master, slave = os.openpty()
+    _master, slave = os.openpty()
     pid = os.fork()
     if pid == 0:
         try:

@@ -7,6 +7,7 @@ run as root and as an unprivileged user (fixture ``runner``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -16,7 +17,6 @@ import threading
 from typing import Any
 
 import pytest
-
 from tests.conftest import Runner
 
 PROBES = os.path.join(os.path.dirname(__file__), "probes.py")
@@ -158,8 +158,14 @@ class TestFilesystem:
 class TestProcessesAndKernel:
     def test_ptrace_host_process(self, scene: Scene) -> None:
         victim = subprocess.Popen(
-            ["setpriv", f"--reuid={scene.runner.uid}", f"--regid={scene.runner.gid}",
-             "--clear-groups", "sleep", "60"]  # fmt: skip
+            [
+                "setpriv",
+                f"--reuid={scene.runner.uid}",
+                f"--regid={scene.runner.gid}",
+                "--clear-groups",
+                "sleep",
+                "60",
+            ]
         )
         try:
             assert_blocked(scene, "ptrace", victim.pid)
@@ -212,10 +218,8 @@ class TestSockets:
         def accept_all(sock: socket.socket) -> None:
             sock.settimeout(0.2)
             while not stop.is_set():
-                try:
+                with contextlib.suppress(OSError):
                     sock.accept()[0].close()
-                except OSError:
-                    pass
 
         threads = [threading.Thread(target=accept_all, args=(s,), daemon=True) for s in servers]
         for t in threads:

@@ -14,10 +14,10 @@ import time
 
 import psutil
 import pytest
-
-import corral
 from tests.conftest import SRC, Runner
 from tests.escape.test_escape import Scene
+
+import corral
 
 
 @pytest.fixture
@@ -63,7 +63,10 @@ def test_timeout_kills_the_whole_tree(root_scene: Scene) -> None:
     result = corral.run(
         {
             "version": "1.0.0",
-            "process": {"commandLine": f"(sleep 300; : {marker}) & sleep 300; : {marker}", "timeout": 1000},
+            "process": {
+                "commandLine": f"(sleep 300; : {marker}) & sleep 300; : {marker}",
+                "timeout": 1000,
+            },
         }
     )
     assert result.timed_out
@@ -80,7 +83,10 @@ def test_sandbox_dies_with_its_caller() -> None:
         "print(p.pid, flush=True)\ntime.sleep(300)\n"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", caller], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": SRC}
+        [sys.executable, "-c", caller],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": SRC},
     )
     assert proc.stdout is not None
     int(proc.stdout.readline())
@@ -99,8 +105,6 @@ def test_sandbox_dies_with_its_caller() -> None:
 def test_unprivileged_limits_fail_closed(runner: Runner) -> None:
     if runner.uid == 0:
         pytest.skip("root can write cgroups here")
-    result = runner.run(
-        {"process": {"commandLine": "true"}, "corral": {"resources": {"pids": 16}}}
-    )
+    result = runner.run({"process": {"commandLine": "true"}, "corral": {"resources": {"pids": 16}}})
     assert result.exit_code == -1
     assert "cgroup" in result.stderr

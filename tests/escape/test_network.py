@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-
 from tests.conftest import Runner
 
 HOST_LOOPBACK = "10.0.2.2"
@@ -95,7 +94,9 @@ def test_proxy_only_mode_cannot_bypass_the_proxy(runner: Runner, servers: list[i
     proxy_inside = next(
         line.split("=", 1)[1] for line in env.splitlines() if line.startswith("HTTP_PROXY=")
     )
-    host, port = proxy_inside.rsplit("/", 1)[-1].rsplit(":", 1) if "//" in proxy_inside else ("", "")
+    host, port = (
+        proxy_inside.rsplit("/", 1)[-1].rsplit(":", 1) if "//" in proxy_inside else ("", "")
+    )
     assert connect(runner, host, int(port), **policy) == "OK hello"
     assert connect(runner, host, other_port, **policy).startswith("DENIED")
 

@@ -8,8 +8,8 @@ enforcement mechanisms it can provide on this host so the planner can refuse wha
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:

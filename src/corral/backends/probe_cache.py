@@ -34,7 +34,11 @@ def cached_probe(name: str, compute: Callable[[], BackendInfo]) -> BackendInfo:
         if entry["key"] == key and time.time() - entry["time"] < TTL_SECONDS:
             i = entry["info"]
             return BackendInfo(
-                i["name"], i["available"], i["reason"], dict(i["mechanisms"]), tuple(i["containments"])
+                i["name"],
+                i["available"],
+                i["reason"],
+                dict(i["mechanisms"]),
+                tuple(i["containments"]),
             )
     except (OSError, ValueError, KeyError, TypeError):
         pass

@@ -40,4 +40,6 @@ def system_symlinks() -> dict[str, str]:
 
 def etc_entries() -> list[str]:
     """The /etc allow-list entries that exist here and are not symlinks."""
-    return [p for p in (f"/etc/{n}" for n in ETC_ENTRIES) if os.path.exists(p) and not os.path.islink(p)]
+    return [
+        p for p in (f"/etc/{n}" for n in ETC_ENTRIES) if os.path.exists(p) and not os.path.islink(p)
+    ]

@@ -96,7 +96,9 @@ def resolve_filesystem(
             for p in paths:
                 if by_path[p].access != strictest:
                     by_path[p] = _with_access(by_path[p], strictest)
-                    warnings.append(f"{p}: same object as another entry; tightened to {_NAMES[strictest]}")
+                    warnings.append(
+                        f"{p}: same object as another entry; tightened to {_NAMES[strictest]}"
+                    )
 
     _tighten_hard_links(by_path, warnings)
     entries = tuple(sorted(by_path.values(), key=lambda e: (e.path.count("/"), e.path)))

@@ -75,7 +75,9 @@ def _probe_host() -> BackendInfo:
     mech["landlock"] = f"Landlock ABI {abi}"
     if not _seccomp_available():
         return _unavailable("the kernel has no seccomp filter support (CONFIG_SECCOMP_FILTER)")
-    mech["seccomp"] = "default filter: " + ", ".join(seccomp.describe_default_filter()[:6]) + ", ..."
+    mech["seccomp"] = (
+        "default filter: " + ", ".join(seccomp.describe_default_filter()[:6]) + ", ..."
+    )
     from corral.kernel import cgroups
 
     host = cgroups.detect()
@@ -149,7 +151,10 @@ def launch(
         res = plan.resources
         if res.memory_mb or res.pids or res.cpu_percent:
             cgroup = cgroups.create(
-                f"sandbox-{sandbox_id}", memory_mb=res.memory_mb, pids=res.pids, cpu_percent=res.cpu_percent
+                f"sandbox-{sandbox_id}",
+                memory_mb=res.memory_mb,
+                pids=res.pids,
+                cpu_percent=res.cpu_percent,
             )
             cleanups.append(cgroup.remove)
         spec = child_spec(plan, cgroup, pty_slave=pty_slave, stdio=child_stdio)
@@ -229,7 +234,9 @@ def _landlock_rules(plan: Plan) -> list[Any]:
 
 def _open_stdio(
     options: LaunchOptions, child_fds: list[int]
-) -> tuple[tuple[IO[bytes] | None, ...], tuple[int | None, int | None, int | None], int | None, int | None]:
+) -> tuple[
+    tuple[IO[bytes] | None, ...], tuple[int | None, int | None, int | None], int | None, int | None
+]:
     if options.pty is not None:
         master, slave = os.openpty()
         child_fds.append(slave)

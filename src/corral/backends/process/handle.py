@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import select
@@ -84,10 +85,8 @@ class ProcessSandbox(SandboxProcess):
     def kill(self) -> None:
         if self._returncode is not None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)  # its init dies with it, and so its PID namespace
-        except ProcessLookupError:
-            pass
         if self._kill_tree is not None:
             self._kill_tree()
 
@@ -139,7 +138,11 @@ def communicate(proc: SandboxProcess, stdin_data: bytes | None = None) -> tuple[
         wait_for = None if deadline is None else max(0.0, deadline - time.monotonic())
         rlist, wlist, _ = select.select(readers, writers, [], wait_for)
         if not rlist and not wlist:
-            if deadline is not None and time.monotonic() >= deadline and isinstance(proc, ProcessSandbox):
+            if (
+                deadline is not None
+                and time.monotonic() >= deadline
+                and isinstance(proc, ProcessSandbox)
+            ):
                 proc.expire()
                 deadline = None
             continue

@@ -13,15 +13,15 @@ over a close-on-exec pipe: EOF without data means the workload exec'd.
 
 from __future__ import annotations
 
-import fcntl
 import ctypes
+import fcntl
 import json
 import os
+import resource
 import select
 import signal
 import socket
 import struct
-import resource
 import termios
 import traceback
 from collections.abc import Callable, Sequence
@@ -101,9 +101,11 @@ def _child_guard(error_w: int, body: Callable[[], int]) -> None:
         code = body()
     except BaseException as exc:  # report everything, then die: this is a forked child
         try:
-            detail = f"{exc}" if isinstance(exc, OSError) else "".join(
-                traceback.format_exception_only(type(exc), exc)
-            ).strip()
+            detail = (
+                f"{exc}"
+                if isinstance(exc, OSError)
+                else "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            )
             os.write(error_w, detail.encode(errors="replace")[:4000])
         except BaseException:
             pass
@@ -123,7 +125,9 @@ def _keep_only(fds: Sequence[int | None]) -> None:
     os.closerange(low, 1 << 20)
 
 
-def _outer(spec: ChildSpec, error_w: int, lifeline_r: int, ready_w: int | None, sync_r: int | None) -> int:
+def _outer(
+    spec: ChildSpec, error_w: int, lifeline_r: int, ready_w: int | None, sync_r: int | None
+) -> int:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
@@ -287,5 +291,3 @@ def read_launch_error(error_r: int) -> str:
     message = _read_all(error_r).decode(errors="replace")
     os.close(error_r)
     return message
-
-

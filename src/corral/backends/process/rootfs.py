@@ -67,7 +67,9 @@ def build_root(steps: Sequence[MountStep]) -> None:
     """Assemble the root and pivot into it. Raises OSError with the failing path."""
     mounts.mount(None, "/", None, mounts.MS_REC | mounts.MS_PRIVATE)
     scratch = "/tmp"  # any host directory works: the scratch tmpfs only hides it in this ns
-    mounts.mount("tmpfs", scratch, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, "mode=0755,size=64k")
+    mounts.mount(
+        "tmpfs", scratch, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, "mode=0755,size=64k"
+    )
     os.mkdir(scratch + _OLD)
     os.mkdir(scratch + _NEW)
     mounts.pivot_root(scratch, scratch + _OLD)
@@ -100,7 +102,9 @@ def build_root(steps: Sequence[MountStep]) -> None:
 
     _build_dev(_NEW + "/dev")
     _ensure_dir(_NEW + "/proc")
-    mounts.mount("proc", _NEW + "/proc", "proc", mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC)
+    mounts.mount(
+        "proc", _NEW + "/proc", "proc", mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC
+    )
 
     mounts.umount(_OLD)
     os.chdir(_NEW)
@@ -108,7 +112,12 @@ def build_root(steps: Sequence[MountStep]) -> None:
     mounts.umount(".")  # detaches the scratch root stacked under the new one
     os.chdir("/")
     # The assembled root itself holds only mount points: nothing may be created there.
-    mounts.mount(None, "/", None, mounts.MS_REMOUNT | mounts.MS_BIND | mounts.MS_RDONLY | mounts.MS_NOSUID | mounts.MS_NODEV)
+    mounts.mount(
+        None,
+        "/",
+        None,
+        mounts.MS_REMOUNT | mounts.MS_BIND | mounts.MS_RDONLY | mounts.MS_NOSUID | mounts.MS_NODEV,
+    )
 
 
 def _build_dev(dev: str) -> None:
@@ -130,7 +139,9 @@ def _build_dev(dev: str) -> None:
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                          ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):  # fmt: skip
         os.symlink(target, f"{dev}/{name}")
-    mounts.mount(None, dev, None, mounts.MS_REMOUNT | mounts.MS_NOSUID | mounts.MS_NOEXEC | mounts.MS_RDONLY)
+    mounts.mount(
+        None, dev, None, mounts.MS_REMOUNT | mounts.MS_NOSUID | mounts.MS_NOEXEC | mounts.MS_RDONLY
+    )
 
 
 def _ensure_dir(path: str) -> None:
