@@ -24,6 +24,9 @@ fi
 # The micro-VM guest kernel (Debian's, unpacked into /opt/corral/guest; cached).
 bash "$here/scripts/fetch-guest-kernel.sh"
 
+# Long-lived sandboxes keep their state under /run/corral/<uid>/ (sticky, like /tmp).
+mkdir -p /run/corral && chmod 1733 /run/corral
+
 # Unprivileged user-mode networking (pasta/slirp4netns) needs the tun device usable (no udev here).
 [ -c /dev/net/tun ] && chmod 0666 /dev/net/tun || true
 

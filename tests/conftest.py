@@ -82,6 +82,18 @@ class Runner:
         return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_audit_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Tests audit into their own log, not the machine's /var/log/corral."""
+    old = os.environ.get("CORRAL_AUDIT_LOG")
+    os.environ["CORRAL_AUDIT_LOG"] = str(tmp_path_factory.mktemp("audit") / "audit.jsonl")
+    yield
+    if old is None:
+        os.environ.pop("CORRAL_AUDIT_LOG", None)
+    else:
+        os.environ["CORRAL_AUDIT_LOG"] = old
+
+
 @pytest.fixture(scope="session")
 def user_src() -> Iterator[str]:
     """A world-readable copy of the package for the unprivileged user (checkouts may live in
