@@ -26,3 +26,6 @@ def run_dir(
             api.deprovision_container(entry["sandboxId"])
     if os.path.isdir(base):
         gc.collect()
+
+
+pytest_plugins = ["test_users"]  # its `service` fixture (the root service) serves session tests

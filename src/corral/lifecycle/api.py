@@ -16,7 +16,7 @@ from typing import Any
 from corral.api import ExecutionResult, Process, RequestLike, ValidationResult, parse
 from corral.contract.model import ProcessSpec, Request
 from corral.errors import CorralError, ErrorCode
-from corral.lifecycle import manager, privsep, service_client, store
+from corral.lifecycle import manager, privsep, service_client, session, store
 
 
 @dataclass(frozen=True)
@@ -25,26 +25,38 @@ class ProvisionResult:
     containment: str
     phase: str = "provisioned"
     warnings: tuple[str, ...] = field(default=())
+    # MXC's provision metadata (isolation_session: agentUserName, agentUserSid,
+    # ephemeralWorkspacePath)
+    metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def _control(op: str, sandbox_id: str) -> dict[str, Any]:
+def _control(op: str, sandbox_id: str, **params: Any) -> dict[str, Any]:
     if service_client.available():
-        result: dict[str, Any] = service_client.call(op, sandboxId=sandbox_id)
+        result: dict[str, Any] = service_client.call(op, sandboxId=sandbox_id, **params)
         return result
-    return run_locally(op, sandbox_id)
+    return run_locally(op, sandbox_id, **params)
 
 
-def run_locally(op: str, sandbox_id: str) -> dict[str, Any]:
-    """A control phase in this process, as the sandbox's owner (root acting for a user forks)."""
-    action = {"start": manager.start, "stop": manager.stop, "deprovision": manager.deprovision}[op]
+def run_locally(op: str, sandbox_id: str, **params: Any) -> dict[str, Any]:
+    """A control phase in this process, as the sandbox's owner (root acting for a user forks),
+    or as root for that owner where the phase needs root (isolation_session)."""
+    actions: dict[str, Any] = {
+        "start": manager.start,
+        "stop": manager.stop,
+        "deprovision": manager.deprovision,
+        "policy": lambda sid, **kw: manager.set_network_policy(sid, params.get("policy"), **kw),
+    }
+    action = actions[op]
     if os.getuid() == 0:
         state = store.load(store.find_sandbox(sandbox_id, 0))
         if state is not None and state.owner_uid != 0:
+            if session.needs_root(sandbox_id):
+                return dict(action(sandbox_id, acting_uid=state.owner_uid))
             result: dict[str, Any] = privsep.run_as(
                 state.owner_uid, state.owner_gid, lambda: action(sandbox_id)
             )
             return result
-    return action(sandbox_id)
+    return dict(action(sandbox_id))
 
 
 def _phase_request(request: RequestLike, phase: str) -> Request:
@@ -63,8 +75,13 @@ def provision_container(request: RequestLike) -> ProvisionResult:
         result = service_client.call("provision", request=req.raw)
     else:
         result = manager.provision(req)
+    core = ("sandboxId", "containment", "phase", "warnings")
     return ProvisionResult(
-        result["sandboxId"], result["containment"], result["phase"], tuple(result["warnings"])
+        result["sandboxId"],
+        result["containment"],
+        result["phase"],
+        tuple(result["warnings"]),
+        {k: v for k, v in result.items() if k not in core},
     )
 
 
@@ -78,6 +95,13 @@ def stop_container(sandbox_id: str) -> None:
 
 def deprovision_container(sandbox_id: str) -> None:
     _control("deprovision", sandbox_id)
+
+
+def set_container_network_policy(sandbox_id: str, policy: dict[str, Any]) -> list[str]:
+    """Replace a sandbox's network rules (``{"network": ..., "corral": {"network": ...}}``);
+    a running sandbox applies them to new connections. Returns the rules now enforced."""
+    rules: list[str] = _control("policy", sandbox_id, policy=policy).get("rules", [])
+    return rules
 
 
 def _process_of(request_or_process: RequestLike | ProcessSpec | str) -> ProcessSpec:
@@ -180,7 +204,7 @@ def handle(request: Request) -> dict[str, Any]:
     if request.phase == "provision":
         p = provision_container(request)
         return {"sandboxId": p.container_id, "containment": p.containment, "phase": p.phase,
-                "warnings": list(p.warnings)}  # fmt: skip
+                "warnings": list(p.warnings), **p.metadata}  # fmt: skip
     sandbox_id = request.sandbox_id or request.container_id
     if sandbox_id is None:
         raise CorralError(

@@ -81,14 +81,18 @@ def _gc(args: argparse.Namespace) -> int:
 
 
 def _policy_set(args: argparse.Namespace) -> int:
-    from corral.errors import BackendUnavailableError
+    from corral.errors import CorralError, ErrorCode
+    from corral.lifecycle import api
 
-    def fail() -> None:
-        raise BackendUnavailableError(
-            "hot reload of network rules needs a sandbox with a network attachment from "
-            "corral.net (NetworkAttachment.replace_rules); this build provisions only "
-            "deny-all sandboxes, whose rules cannot change",
-            remediation="deprovision and provision again with the new network section",
-        )
+    def apply() -> None:
+        try:
+            with open(args.file, "rb") as f:
+                policy = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise CorralError(
+                f"cannot read the policy file {args.file}: {exc}",
+                code=ErrorCode.MALFORMED_REQUEST,
+            ) from exc
+        print(json.dumps({"rules": api.set_container_network_policy(args.sandbox_id, policy)}))
 
-    return _guard(fail)
+    return _guard(apply)

@@ -5,7 +5,9 @@
 * a ``started`` sandbox whose supervisor is dead: its cgroup and socket are released and it
   becomes ``stopped`` (it is still provisioned: the owner may start it again);
 * a supervisor process (``corral-sup``) that no state claims: killed, with its sandbox;
-* a Corral sandbox cgroup that no live sandbox claims: emptied and removed.
+* a Corral sandbox cgroup that no live sandbox claims: emptied and removed;
+* (root) an isolation_session identity whose sandbox is gone: released (account, files, ACLs).
+  slirp4netns needs nothing here: it exits with the supervisor that holds its exit pipe.
 
 Only the caller's own uid is touched, except for root, which cleans for everyone. Live
 sandboxes are never touched.
@@ -18,7 +20,7 @@ import os
 import re
 from typing import Any
 
-from corral.lifecycle import manager, store
+from corral.lifecycle import manager, session, store
 from corral.lifecycle.launch import SUPERVISOR_NAME, kill_supervisor
 
 _LIFECYCLE_GROUP = re.compile(r"sandbox-[0-9a-f]{24}")
@@ -26,7 +28,9 @@ _LIFECYCLE_GROUP = re.compile(r"sandbox-[0-9a-f]{24}")
 
 def collect() -> dict[str, Any]:
     uid = os.getuid()
-    report: dict[str, list[Any]] = {"removed": [], "stopped": [], "killed": [], "cgroups": []}
+    report: dict[str, list[Any]] = {
+        "removed": [], "stopped": [], "killed": [], "cgroups": [], "identities": []
+    }  # fmt: skip
     claimed: set[tuple[int, int]] = set()
     live_tokens: set[str] = set()
     for _, base in _scope(uid):
@@ -45,6 +49,9 @@ def collect() -> dict[str, Any]:
         if (pid, start) not in claimed:
             kill_supervisor(pid, start)
             report["killed"].append(pid)
+    for sandbox_id in session.orphaned_bindings(live_tokens):
+        session.unbind(sandbox_id)
+        report["identities"].append(sandbox_id)
     for path in sandbox_cgroups():
         if path.rpartition("sandbox-")[2] not in live_tokens and _empty(path):
             from corral.kernel import cgroups
@@ -62,6 +69,8 @@ def _collect_one(path: str, report: dict[str, list[Any]], claimed: set[tuple[int
             manager.remove_sandbox(path, state)
             report["removed"].append(os.path.basename(path))
             return False
+        if session.needs_root(state.id) and os.geteuid() == 0:
+            state.supervisor_pid, state.supervisor_start = session.trusted_supervisor(state.id)
         if state.phase == "started" and not store.supervisor_alive(state):
             manager.notice_crash(path, state)
             report["stopped"].append(state.id)

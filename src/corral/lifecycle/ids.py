@@ -7,8 +7,12 @@ import secrets
 
 from corral.errors import ErrorCode, LifecycleError
 
-PREFIXES = {"process": "corral-process", "bubblewrap": "corral-bubblewrap"}
-_ID = re.compile(r"corral-(?:process|bubblewrap):([0-9a-f]{24})")
+PREFIXES = {
+    "process": "corral-process",
+    "bubblewrap": "corral-bubblewrap",
+    "isolation_session": "corral-session",
+}
+_ID = re.compile(r"corral-(?:process|bubblewrap|session):([0-9a-f]{24})")
 
 
 def new_id(containment: str) -> str:

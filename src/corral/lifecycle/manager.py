@@ -19,7 +19,7 @@ from typing import Any
 
 from corral.contract.model import ProcessSpec, Request
 from corral.errors import ErrorCode, LifecycleError, PolicyError
-from corral.lifecycle import ids, store
+from corral.lifecycle import ids, network_policy, session, store
 from corral.lifecycle.client import RemoteProcess, start_exec
 from corral.lifecycle.launch import kill_supervisor, plan_exec, plan_sandbox, start_supervisor
 from corral.plan import Plan
@@ -27,37 +27,62 @@ from corral.plan import Plan
 CONTAINMENTS = tuple(ids.PREFIXES)
 
 
-def provision(request: Request) -> dict[str, Any]:
+def provision(request: Request, *, acting_uid: int | None = None) -> dict[str, Any]:
+    """``acting_uid``: root provisioning for that user (the service); default the caller."""
     containment = request.containment or "process"
     if containment not in CONTAINMENTS:
         raise PolicyError(
             f"containment {containment!r} cannot be provisioned on Linux by Corral yet",
             code=ErrorCode.UNSUPPORTED_CONTAINMENT,
-            remediation="provision 'process' or 'bubblewrap', or run it one-shot",
+            remediation="provision 'process', 'bubblewrap' or 'isolation_session', or run it "
+            "one-shot",
         )
+    if containment == session.CONTAINMENT:
+        session.require_root_for(None)
     plan = plan_sandbox(request)  # validate now: a bad policy fails here, not at start
+    owner = _acting(acting_uid)
     state = store.SandboxState(
         id=ids.new_id(containment),
         containment=containment,
-        owner_uid=os.getuid(),
-        owner_gid=os.getgid(),
+        owner_uid=owner,
+        owner_gid=store.primary_gid(owner) if owner != os.getuid() else os.getgid(),
         request=request.raw,
     )
-    store.create(state)
-    return {
+    path = store.create(state)
+    result: dict[str, Any] = {
         "sandboxId": state.id,
         "containment": containment,
         "phase": state.phase,
         "warnings": list(plan.warnings),
     }
+    if containment == session.CONTAINMENT:
+        try:
+            state.session = session.bind_new_identity(state.id, owner)
+        except BaseException:
+            remove_sandbox(path, None)
+            raise
+        store.save(path, state)
+        result.update(state.session)
+    return result
 
 
-def _locked_phase(sandbox_id: str, body: Callable[[str, store.SandboxState], Any]) -> Any:
-    path = store.find_sandbox(sandbox_id, os.getuid())
+def _acting(acting_uid: int | None) -> int:
+    return os.getuid() if acting_uid is None else acting_uid
+
+
+def _locked_phase(
+    sandbox_id: str,
+    body: Callable[[str, store.SandboxState], Any],
+    acting_uid: int | None = None,
+) -> Any:
+    path = store.find_sandbox(sandbox_id, _acting(acting_uid))
     with store.locked(path):
         state = store.load(path)
         if state is None or state.phase == "deprovisioning":
             raise store.stale(sandbox_id)
+        if session.needs_root(state.id) and os.geteuid() == 0:
+            # Root trusts its own record of the supervisor, not the owner-writable state.
+            state.supervisor_pid, state.supervisor_start = session.trusted_supervisor(state.id)
         notice_crash(path, state)
         return body(path, state)
 
@@ -70,19 +95,24 @@ def notice_crash(path: str, state: store.SandboxState) -> None:
         store.save(path, state)
 
 
-def start(sandbox_id: str) -> dict[str, Any]:
+def start(sandbox_id: str, *, acting_uid: int | None = None) -> dict[str, Any]:
+    session.require_root_for(sandbox_id)
+
     def body(path: str, state: store.SandboxState) -> dict[str, Any]:
         if state.phase == "started":
             raise _phase_error(ErrorCode.ALREADY_STARTED, sandbox_id, "is already started")
         plan = plan_sandbox(_request(state))
-        started = start_supervisor(path, state, plan)
+        if session.needs_root(state.id):
+            started = session.start(path, state, plan)
+        else:
+            started = start_supervisor(path, state, plan)
         state.phase = "started"
         state.supervisor_pid, state.supervisor_start = started.pid, started.start_time
         state.cgroup = started.cgroup
         store.save(path, state)
         return {"sandboxId": sandbox_id, "phase": state.phase}
 
-    result: dict[str, Any] = _locked_phase(sandbox_id, body)
+    result: dict[str, Any] = _locked_phase(sandbox_id, body, acting_uid)
     return result
 
 
@@ -97,7 +127,10 @@ def spawn(
         if state.phase != "started":
             raise _phase_error(ErrorCode.NOT_STARTED, sandbox_id, f"is {state.phase}, not started")
         request = _request(state)
-        plan = plan_exec(_sandbox_plan(state, request), request, process)
+        if state.session is not None:
+            plan = session.plan_exec(state.session, process)
+        else:
+            plan = plan_exec(_sandbox_plan(state, request), request, process)
         return start_exec(
             os.path.join(path, store.CONTROL_SOCKET),
             command=plan.command,
@@ -112,7 +145,9 @@ def spawn(
     return proc
 
 
-def stop(sandbox_id: str) -> dict[str, Any]:
+def stop(sandbox_id: str, *, acting_uid: int | None = None) -> dict[str, Any]:
+    session.require_root_for(sandbox_id)
+
     def body(path: str, state: store.SandboxState) -> dict[str, Any]:
         if state.phase == "stopped":
             raise _phase_error(ErrorCode.ALREADY_STOPPED, sandbox_id, "is already stopped")
@@ -123,25 +158,54 @@ def stop(sandbox_id: str) -> dict[str, Any]:
         store.save(path, state)
         return {"sandboxId": sandbox_id, "phase": state.phase}
 
-    result: dict[str, Any] = _locked_phase(sandbox_id, body)
+    result: dict[str, Any] = _locked_phase(sandbox_id, body, acting_uid)
     return result
 
 
-def deprovision(sandbox_id: str) -> dict[str, Any]:
+def deprovision(sandbox_id: str, *, acting_uid: int | None = None) -> dict[str, Any]:
+    session.require_root_for(sandbox_id)
+
     def body(path: str, state: store.SandboxState) -> dict[str, Any]:
         state.phase = "deprovisioning"  # a crash from here on is finished by `corral gc`
         store.save(path, state)
         remove_sandbox(path, state)
         return {"sandboxId": sandbox_id, "phase": "deprovisioned"}
 
-    result: dict[str, Any] = _locked_phase(sandbox_id, body)
+    result: dict[str, Any] = _locked_phase(sandbox_id, body, acting_uid)
+    return result
+
+
+def set_network_policy(
+    sandbox_id: str, policy: object, *, acting_uid: int | None = None
+) -> dict[str, Any]:
+    """Replace the sandbox's network rules (`corral policy set`): validated as part of the
+    provision request, stored for later starts, and swapped atomically in a running sandbox
+    (new connections see them)."""
+    session.require_root_for(sandbox_id)
+
+    def body(path: str, state: store.SandboxState) -> dict[str, Any]:
+        old = plan_sandbox(_request(state))
+        raw = network_policy.merged_request(state.request, policy)
+        new = plan_sandbox(_parse_cached(json.dumps(raw, sort_keys=True)))
+        network_policy.check_change(old.network, new.network, started=state.phase == "started")
+        rules: list[str] = []
+        if state.phase == "started":
+            owner = 0 if session.needs_root(state.id) else state.owner_uid
+            rules = network_policy.install(state, new.network, owner)
+        state.request = raw
+        store.save(path, state)
+        return {"sandboxId": sandbox_id, "phase": state.phase, "rules": rules}
+
+    result: dict[str, Any] = _locked_phase(sandbox_id, body, acting_uid)
     return result
 
 
 def remove_sandbox(path: str, state: store.SandboxState | None) -> None:
-    """Every trace: processes, cgroup, socket, logs, state (the directory last)."""
+    """Every trace: processes, identity, cgroup, socket, logs, state (the directory last)."""
     if state is not None:
         _release(path, state)
+        if session.needs_root(state.id) and os.geteuid() == 0:
+            session.unbind(state.id)
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -150,7 +214,12 @@ def remove_sandbox(path: str, state: store.SandboxState | None) -> None:
 
 
 def _release(path: str, state: store.SandboxState) -> None:
-    if state.supervisor_pid is not None:
+    if session.needs_root(state.id) and os.geteuid() == 0:
+        if state.supervisor_pid is not None:
+            kill_supervisor(state.supervisor_pid, state.supervisor_start, 0)
+        with contextlib.suppress(LifecycleError):
+            session.end_processes(state.id, state.owner_uid)
+    elif state.supervisor_pid is not None:
         kill_supervisor(state.supervisor_pid, state.supervisor_start, state.owner_uid)
     if state.cgroup:
         remove_cgroups(os.path.basename(path))

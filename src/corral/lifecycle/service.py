@@ -23,7 +23,7 @@ import struct
 from typing import Any
 
 from corral.errors import CorralError, ErrorCode
-from corral.lifecycle import gc, manager, store
+from corral.lifecycle import gc, manager, session, store
 from corral.lifecycle.privsep import drop_to
 
 _PR_SET_CHILD_SUBREAPER = 36
@@ -37,16 +37,34 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
-def _operation(op: str, params: dict[str, Any]) -> Any:
-    """Runs as the caller, in a forked child."""
+def _needs_root(op: str, params: dict[str, Any]) -> bool:
+    """isolation_session phases create, use and remove host accounts: they run as root, for the
+    caller (whose uid still decides which sandboxes they see)."""
+    if op == "provision":
+        request = params.get("request")
+        return isinstance(request, dict) and request.get("containment") == session.CONTAINMENT
+    return op in ("start", "stop", "deprovision", "policy") and session.needs_root(
+        params.get("sandboxId")
+    )
+
+
+def _operation(op: str, params: dict[str, Any], acting_uid: int | None) -> Any:
+    """Runs in a forked child: as the caller, or as root acting for them (``acting_uid``)."""
     from corral import api as sdk
     from corral.lifecycle import api
 
     sandbox_id = params.get("sandboxId")
     if op == "provision":
-        return manager.provision(sdk.parse(params.get("request") or {}))
-    if op in ("start", "stop", "deprovision"):
-        return api.run_locally(op, str(sandbox_id))
+        return manager.provision(sdk.parse(params.get("request") or {}), acting_uid=acting_uid)
+    if acting_uid is not None:
+        action = {"start": manager.start, "stop": manager.stop, "deprovision": manager.deprovision}
+        if op == "policy":
+            return manager.set_network_policy(
+                str(sandbox_id), params.get("policy"), acting_uid=acting_uid
+            )
+        return action[op](str(sandbox_id), acting_uid=acting_uid)
+    if op in ("start", "stop", "deprovision", "policy"):
+        return api.run_locally(op, str(sandbox_id), policy=params.get("policy"))
     if op == "ps":
         return manager.list_sandboxes()
     if op == "logs":
@@ -70,10 +88,13 @@ async def _run_as_peer(uid: int, gid: int, op: str, params: dict[str, Any]) -> d
         if os.getppid() != service_pid:
             os._exit(1)
         try:
-            if os.getuid() != uid:
+            acting_uid = None
+            if os.getuid() != uid and _needs_root(op, params):
+                acting_uid = uid
+            elif os.getuid() != uid:
                 drop_to(uid, gid)
             os.environ["CORRAL_NO_SERVICE"] = "1"  # the child works locally
-            reply: dict[str, Any] = {"result": _operation(op, params)}
+            reply: dict[str, Any] = {"result": _operation(op, params, acting_uid)}
         except CorralError as exc:
             reply = exc.to_envelope()
         except BaseException as exc:  # a forked child must never return into the event loop

@@ -47,6 +47,9 @@ class SandboxState:
     cgroup: str | None = None
     netns: str | None = None
     workspace: str | None = None
+    # isolation_session: MXC's provision metadata (agentUserName, agentUserSid,
+    # ephemeralWorkspacePath). Informational: root trusts only its own binding (session.py).
+    session: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -176,6 +179,8 @@ def save(path: str, state: SandboxState) -> None:
 def create(state: SandboxState) -> str:
     path = os.path.join(user_dir(state.owner_uid), token_of(state.id))
     os.mkdir(path, 0o700)
+    if os.geteuid() != state.owner_uid:  # root provisioning for a user (isolation_session)
+        os.lchown(path, state.owner_uid, state.owner_gid)
     save(path, state)
     return path
 

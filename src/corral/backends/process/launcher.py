@@ -65,6 +65,9 @@ class ChildSpec:
     # and carries a recognisable name (/proc/PID/comm) so `corral gc` can find it.
     detach: bool = False
     process_name: str | None = None
+    # Descriptors the sandbox's own processes keep (not its workloads), e.g. the write end of
+    # a helper's exit pipe, so the helper lives exactly as long as the sandbox.
+    keep_fds: tuple[int, ...] = ()
 
 
 @dataclass
@@ -131,7 +134,10 @@ def _outer(
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    _keep_only([error_w, lifeline_r, ready_w, sync_r, *spec.stdio, spec.pty_slave, spec.control_fd])
+    _keep_only(
+        [error_w, lifeline_r, ready_w, sync_r, *spec.stdio, spec.pty_slave, spec.control_fd,
+         *spec.keep_fds]
+    )  # fmt: skip
     watch_lifeline: int | None = lifeline_r
     if spec.detach:
         _detach(lifeline_r, spec.process_name)
