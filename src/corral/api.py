@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Literal, overload
 
 from corral.backends.base import LaunchOptions, SandboxProcess, StdioMode
 from corral.backends.process.handle import communicate
@@ -16,6 +16,7 @@ from corral.plan import Plan, backend_for, build_plan
 
 if TYPE_CHECKING:
     from corral.audit.recorder import Recorder
+    from corral.learn.run import LearnResult
     from corral.policy.admin import AdminPolicy
 
 RequestLike = Request | Mapping[str, Any] | str | bytes
@@ -154,14 +155,40 @@ def audited_launch(
     return p, proc, recorder
 
 
+@overload
 def run(
     request: RequestLike,
     *,
     input: bytes | None = None,
     experimental: bool = False,
     audit: bool = True,
-) -> ExecutionResult:
-    """Run a one-shot request to completion and collect its output."""
+    learn: Literal[False] = False,
+) -> ExecutionResult: ...
+
+
+@overload
+def run(
+    request: RequestLike,
+    *,
+    input: bytes | None = None,
+    experimental: bool = False,
+    audit: bool = True,
+    learn: Literal[True],
+) -> LearnResult: ...
+
+
+def run(
+    request: RequestLike,
+    *,
+    input: bytes | None = None,
+    experimental: bool = False,
+    audit: bool = True,
+    learn: bool = False,
+) -> ExecutionResult | LearnResult:
+    """Run a one-shot request to completion and collect its output. ``learn=True`` runs it
+    in learning mode instead (see :func:`learn`)."""
+    if learn:
+        return _learn(request, input=input, experimental=experimental, audit=audit)
     stdin: StdioMode = "pipe" if input else "devnull"
     p, proc, recorder = audited_launch(
         request, LaunchOptions(stdin=stdin), experimental=experimental, audit=audit
@@ -173,6 +200,36 @@ def run(
     return ExecutionResult(
         out.decode(errors="replace"), err.decode(errors="replace"), code, proc.timed_out, p.warnings
     )
+
+
+def learn(
+    request: RequestLike,
+    *,
+    input: bytes | None = None,
+    experimental: bool = False,
+    audit: bool = True,
+) -> LearnResult:
+    """Learning mode: run permissively (writes outside the read-write grants go to a
+    throwaway layer), record what the request would have refused, and return the request
+    plus the least grants that would have let it run (``proposed``, ``diff``). Refused when
+    the admin policy forbids learning."""
+    return _learn(request, input=input, experimental=experimental, audit=audit)
+
+
+def _learn(
+    request: RequestLike, *, input: bytes | None, experimental: bool, audit: bool
+) -> LearnResult:
+    from corral.audit.recorder import Recorder
+    from corral.learn.run import learn_request
+
+    try:
+        req = parse(request, experimental=experimental)
+    except CorralError as exc:
+        Recorder.open(enabled=audit).emit(
+            "refusal", decision="deny", reason=exc.message, code=str(exc.code), learning=True
+        )
+        raise
+    return learn_request(req, input=input, audit=audit)
 
 
 def spawn(request: RequestLike, *, experimental: bool = False, audit: bool = True) -> Process:

@@ -43,6 +43,15 @@ def _parser(*, with_optional: bool = True) -> argparse.ArgumentParser:
     ex.add_argument("--debug", action="store_true")
     ex.add_argument("--log-file", metavar="PATH")
     ex.add_argument("--experimental", action="store_true")
+    ex.add_argument(
+        "--learn",
+        action="store_true",
+        help="learning mode: run permissively, record what the policy would refuse, "
+        "write a proposed policy",
+    )
+    ex.add_argument(
+        "--learn-output", metavar="PATH", help="where --learn writes the proposed policy"
+    )
     ex.set_defaults(handler=_cmd_exec)
     be = sub.add_parser("backends", help="backends and capabilities on this host (JSON)")
     be.set_defaults(handler=_cmd_backends)
@@ -53,7 +62,7 @@ def _parser(*, with_optional: bool = True) -> argparse.ArgumentParser:
 
 def _register_optional(sub: Any) -> None:
     """Subcommands owned by other layers (audit, lifecycle, ...), when present."""
-    for module in ("corral.audit.cli", "corral.lifecycle.cli"):
+    for module in ("corral.audit.cli", "corral.lifecycle.cli", "corral.learn.cli"):
         try:
             __import__(module)
         except ImportError:
@@ -109,6 +118,10 @@ def _cmd_exec(args: argparse.Namespace) -> int:
     try:
         if not request.is_one_shot:
             return _lifecycle(args, request)
+        if args.learn and not args.dry_run:
+            from corral.learn.cli import run_exec
+
+            return run_exec(args, request)
         plan = api.plan(request)
         _log(args, f"plan:\n{plan.render_table()}")
         if args.dry_run:

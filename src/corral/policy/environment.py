@@ -41,7 +41,8 @@ def choose_cwd(process: ProcessSpec, fs: FilesystemPolicy) -> str:
     """Requested cwd (must be visible in the sandbox), else the first read-write grant, else
     the first read-only grant, else /."""
     if process.cwd is not None:
-        access = fs.access_of(os.path.realpath(process.cwd))
+        real = os.path.realpath(process.cwd)
+        access = "ro" if real == "/" else fs.access_of(real)  # the sandbox's root always exists
         if access in (None, "deny"):
             raise PolicyError(
                 f"working directory {process.cwd!r} is not visible inside the sandbox",

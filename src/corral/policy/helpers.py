@@ -1,6 +1,6 @@
 """Ready-made filesystem policy fragments for common agent needs, to merge into a request:
 
-    request["filesystem"] = merge(tools_policy(), temporary_files_policy(), user_profile_policy())
+request["filesystem"] = merge(tools_policy(), temporary_files_policy(), user_profile_policy())
 """
 
 from __future__ import annotations
