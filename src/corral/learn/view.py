@@ -33,7 +33,7 @@ def prepare_child(spec: ChildSpec, channel: socket.socket, listener: PreparedLis
     """Edit the backend's child spec (its ``adjust`` hook) so PID 1 builds the learning view
     and hands the observer's listener to the caller over ``channel``."""
     original = spec.landlock_prepare
-    spec.control_fd = channel.fileno()  # the one extra descriptor the backend keeps open
+    spec.keep_fds = (*spec.keep_fds, channel.fileno())  # kept by the sandbox, not its workload
 
     def prepare(rules: list[Any]) -> Any:
         absorbed, failed = _absorb_writes(spec.unprivileged)
