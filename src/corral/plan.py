@@ -131,7 +131,7 @@ def build_plan(request: Request, info: BackendInfo, admin: ClampResult | None = 
     clauses += _admin_clauses(admin)
     clauses += _filesystem_clauses(fs, mech)
     network = _network_plan(request)
-    clauses += _network_clauses(network, mech)
+    clauses += _network_clauses(network, mech, request.containment or "process")
     clauses += _ui_clauses(request.ui, mech)
     clauses += _resource_clauses(request.corral.resources, mech)
     clauses += _kvm_clauses(request, mech)
@@ -249,7 +249,7 @@ def _network_plan(request: Request) -> NetworkPlan:
     return NetworkPlan("none" if closed else "rules", spec, None, corral_net)
 
 
-def _network_clauses(net: NetworkPlan, mech: dict[str, str]) -> list[Clause]:
+def _network_clauses(net: NetworkPlan, mech: dict[str, str], containment: str) -> list[Clause]:
     netns = _require(mech, "network-namespace", "network isolation")
     if net.mode == "none":
         return [Clause("network", "all egress and ingress", "deny", netns, "loopback only")]
@@ -264,8 +264,30 @@ def _network_clauses(net: NetworkPlan, mech: dict[str, str]) -> list[Clause]:
         for rule in items:
             out.append(Clause("network", f"egress {_describe_rule(rule)}", verdict, netns + rules))
     ing = net.spec.ingress
-    out.append(Clause("network", "ingress default", ing.default, netns + rules))
-    out.append(Clause("network", "host loopback", ing.host_loopback, netns + rules))
+    published = net.corral.get("publish") or []
+    if ing.default == "allow" and not published and containment != "isolation_session":
+        # The sandbox sits behind user-mode NAT: inbound traffic reaches it only through
+        # published ports, so "allow" without any would promise what nothing delivers.
+        raise PolicyError(
+            "network.ingress.default 'allow' needs the ports to publish",
+            details={"path": "network.ingress.default"},
+            remediation='name them in corral.network.publish: [{"hostPort": 8080, '
+            '"sandboxPort": 8080}], or use ingress.default "deny"',
+        )
+    note = "" if published else "nothing published: no inbound connection can reach it"
+    out.append(Clause("network", "ingress default", ing.default, netns + rules, note))
+    loop_note = (
+        "sandbox to host loopback; host to sandbox only through corral.network.publish"
+        if ing.host_loopback == "allow"
+        else ""
+    )
+    out.append(Clause("network", "host loopback", ing.host_loopback, netns + rules, loop_note))
+    for port in published:
+        out.append(
+            Clause("network", f"publish host 127.0.0.1:{port.get('hostPort')} -> sandbox "
+                   f"{port.get('sandboxPort')}/{port.get('protocol', 'tcp')}", "allow",
+                   netns + _require(mech, "user-mode-networking", "published ports"))
+        )  # fmt: skip
     if net.corral.get("hosts"):
         proxy = _require(mech, "policy-proxy", "hostname rules (corral.network.hosts)")
         out.append(Clause("network", "hostname and HTTP rules", "per rule", netns + proxy))

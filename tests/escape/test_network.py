@@ -118,3 +118,56 @@ def test_plan_lists_network_mechanisms() -> None:
               "network": {"egress": {"default": "deny", "allow": [{"to": [{"cidr": "10.9.0.0/16"}]}]}}})  # fmt: skip
     mechanisms = {m for c in p.clauses if c.area == "network" for m in c.mechanisms}
     assert {"network-namespace", "nftables"} <= mechanisms
+
+
+def test_ingress_allow_needs_published_ports() -> None:
+    import corral
+    from corral.api import plan
+
+    base = {"version": "1.0.0", "process": {"commandLine": "true"}}
+    with pytest.raises(corral.CorralError) as err:
+        plan({**base, "network": {"ingress": {"default": "allow"}}})
+    assert err.value.code == "policy_validation" and "publish" in err.value.message
+    p = plan(
+        {
+            **base,
+            "network": {"ingress": {"default": "allow"}},
+            "corral": {"network": {"publish": [{"hostPort": 18080, "sandboxPort": 8080}]}},
+        }
+    )
+    assert any("publish host 127.0.0.1:18080" in c.subject for c in p.clauses)
+
+
+@pytest.mark.timeout(60)
+def test_published_port_reachable_from_host() -> None:
+    import time
+
+    import corral
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        host_port = probe.getsockname()[1]
+    server = (
+        "import socket\ns=socket.create_server(('0.0.0.0',8080))\nprint('ready',flush=True)\n"
+        "c,_=s.accept()\nc.sendall(b'from sandbox\\n')\nc.close()\n"
+    )
+    request = {
+        "version": "1.0.0",
+        "process": {"commandLine": f"{PY} -c {_quote(server)}", "timeout": 30000},
+        "network": {"ingress": {"default": "allow"}},
+        "corral": {"network": {"publish": [{"hostPort": host_port, "sandboxPort": 8080}]}},
+    }
+    with corral.spawn(request) as proc:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", host_port), timeout=3) as c:
+                    assert c.recv(64) == b"from sandbox\n"
+                    break
+            except (ConnectionError, TimeoutError, AssertionError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        assert proc.wait(timeout=10) == 0

@@ -52,6 +52,11 @@ def collect() -> dict[str, Any]:
     for sandbox_id in session.orphaned_bindings(live_tokens):
         session.unbind(sandbox_id)
         report["identities"].append(sandbox_id)
+    for ident in session.abandoned_identities(live_tokens):
+        from corral.backends.session import identity as identities
+
+        identities.release(ident)
+        report["identities"].append(ident.name)
     for path in sandbox_cgroups():
         if path.rpartition("sandbox-")[2] not in live_tokens and _empty(path):
             from corral.kernel import cgroups

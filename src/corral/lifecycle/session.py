@@ -215,3 +215,43 @@ def plan_exec(session: dict[str, Any], process: ProcessSpec) -> ExecPlan:
     env.update(HOME=workspace, USER=name, LOGNAME=name)
     cwd = process.cwd if process.cwd is not None else workspace
     return ExecPlan(("/bin/sh", "-c", process.command_line), env, cwd, process.timeout_ms)
+
+
+ABANDONED_AFTER_S = 600.0
+
+
+def abandoned_identities(live_tokens: set[str]) -> list[AgentIdentity]:
+    """Agent accounts no sandbox record claims, with no process left and older than
+    ABANDONED_AFTER_S (a one-shot session run that crashed before releasing its identity);
+    the age guard spares a one-shot run between allocating its identity and starting."""
+    import time
+
+    from corral.backends.session import identity as identities
+
+    if os.geteuid() != 0:
+        return []
+    claimed = set()
+    for name in os.listdir(_bindings_dir()):
+        binding = _read_file(os.path.join(_bindings_dir(), name))
+        if binding is not None and isinstance(binding.get("identity"), str):
+            claimed.add(binding["identity"])
+    out = []
+    for ident in identities.list_leftover_identities(in_use=claimed):
+        try:
+            age = time.time() - os.stat(ident.workspace).st_mtime
+        except FileNotFoundError:
+            age = ABANDONED_AFTER_S + 1
+        if age > ABANDONED_AFTER_S and not _has_processes(ident.uid):
+            out.append(ident)
+    return out
+
+
+def _has_processes(uid: int) -> bool:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    return True
+            except FileNotFoundError:
+                continue
+    return False
