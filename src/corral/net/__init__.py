@@ -7,7 +7,7 @@ the parent once the sandbox's first child has its own network namespace and befo
 workload starts; the returned :class:`NetworkAttachment` owns everything it set up.
 """
 
-from corral.net.attachment import NetworkAttachment, attach
+from corral.net.attachment import NetworkAttachment, attach, attach_detached, replace_rules_in
 from corral.net.probe import probe
 
-__all__ = ["NetworkAttachment", "attach", "probe"]
+__all__ = ["NetworkAttachment", "attach", "attach_detached", "probe", "replace_rules_in"]

@@ -9,7 +9,7 @@ from typing import Any
 
 from corral.contract.extensions import build_corral_section
 from corral.contract.model import CorralNetworkSpec, NetworkSpec
-from corral.errors import CorralError, ErrorCode, PolicyError
+from corral.errors import BackendUnavailableError, CorralError, ErrorCode, PolicyError
 from corral.net import addresses, nft, ruleset, slirp
 from corral.plan import NetworkPlan
 
@@ -19,7 +19,14 @@ Audit = Callable[[dict[str, Any]], None]
 class NetworkAttachment:
     """Everything that enforces one sandbox's network policy; ``close`` removes all of it."""
 
-    def __init__(self, pid: int, plan: NetworkPlan, audit: Audit | None) -> None:
+    def __init__(
+        self,
+        pid: int,
+        plan: NetworkPlan,
+        audit: Audit | None,
+        *,
+        proxy_options: dict[str, Any] | None = None,
+    ) -> None:
         self.pid = pid
         self.mode = plan.mode
         self.proxy_url_inside: str | None = None
@@ -31,6 +38,7 @@ class NetworkAttachment:
         self._inputs = ruleset.RulesetInputs(plan.spec)
         self._slirp: slirp.SlirpNetwork | None = None
         self._proxy: Any = None  # corral.net.policy_proxy.PolicyProxy, imported on demand
+        self._proxy_options = proxy_options or {}  # tests only: resolver, upstream trust
         self._closed = False
 
     # -- set-up -------------------------------------------------------------------------
@@ -46,9 +54,11 @@ class NetworkAttachment:
         elif self._corral.hosts_given:
             from corral.net.policy_proxy import PolicyProxy
 
-            self._proxy = PolicyProxy(self._corral, audit=self._emit)
+            self._proxy = PolicyProxy(self._corral, audit=self._emit, **self._proxy_options)
             self._proxy.start()
-            self._service_ports = (("tcp", self._proxy.port),)
+            dns_port = self._proxy.dns_port
+            self._service_ports = (("tcp", self._proxy.port), ("udp", dns_port), ("tcp", dns_port))
+            self.ca_bundle_path = self._proxy.ca_bundle_path
             self.proxy_url_inside = f"http://{addresses.HOST_LOOPBACK_V4}:{self._proxy.port}"
         self._install(plan.spec, self._corral)
         host_loopback = bool(self._service_ports) or plan.spec.ingress.host_loopback == "allow"
@@ -63,6 +73,7 @@ class NetworkAttachment:
             publish=corral.publish,
             service_ports=self._service_ports,
             only_services=self._only_services,
+            dns_stub_port=None if self._proxy is None else self._proxy.dns_port,
         )
         nft.run_in(self.pid, ruleset.render_table(inputs))
         self._inputs = inputs
@@ -81,6 +92,12 @@ class NetworkAttachment:
             raise PolicyError(
                 "corral.network.hosts cannot be added or removed on a live sandbox",
                 remediation="provision the sandbox with a (possibly empty) hosts section",
+            )
+        if corral.tls_interception != self._corral.tls_interception:
+            raise PolicyError(
+                "corral.network.tlsInterception cannot change on a live sandbox: its CA is "
+                "placed in the sandbox's trust store at start",
+                remediation="stop and start the sandbox with the other setting",
             )
         if self.mode == "proxy":
             raise PolicyError(
@@ -133,9 +150,16 @@ class NetworkAttachment:
             self._audit({"area": "network", "pid": self.pid, **event})
 
 
-def attach(plan: NetworkPlan, *, pid: int, audit: Audit | None = None) -> NetworkAttachment:
-    """Enforce ``plan`` on the network namespace of ``pid`` before the workload starts."""
-    attachment = NetworkAttachment(pid, plan, audit)
+def attach(
+    plan: NetworkPlan,
+    *,
+    pid: int,
+    audit: Audit | None = None,
+    proxy_options: dict[str, Any] | None = None,
+) -> NetworkAttachment:
+    """Enforce ``plan`` on the network namespace of ``pid`` before the workload starts.
+    ``proxy_options`` are extra PolicyProxy arguments, for tests only (resolver, trust)."""
+    attachment = NetworkAttachment(pid, plan, audit, proxy_options=proxy_options)
     try:
         attachment._setup(plan)
     except BaseException:
@@ -170,3 +194,62 @@ def _rewrite_proxy_url(url: str) -> str:
         auth = parts.username + (f":{parts.password}" if parts.password is not None else "")
         netloc = f"{auth}@{netloc}"
     return urllib.parse.urlunsplit((parts.scheme.lower(), netloc, parts.path, parts.query, ""))
+
+
+def attach_detached(
+    plan: NetworkPlan, *, pid: int, exit_fd: int, workdir: str, audit: Audit | None = None
+) -> str | None:
+    """Enforce ``plan`` on a sandbox that outlives the caller (a lifecycle supervisor).
+
+    Rules and published ports are installed now; slirp4netns is tied to ``exit_fd`` (the read
+    end of a pipe whose write end the supervisor holds), so it dies with the sandbox, not with
+    the caller. Its host-loopback link is always up and nftables alone decides
+    ``ingress.hostLoopback``, so :func:`replace_rules_in` can flip it later. Hostname rules
+    need the policy proxy, a thread of the caller: refused here. Returns the proxy URL the
+    sandbox must use (proxy mode), else None."""
+    corral = _corral_spec(plan.corral)
+    if corral.hosts_given:
+        raise BackendUnavailableError(
+            "corral.network.hosts (hostname and HTTP rules) needs the policy proxy, which runs "
+            "in the starting process and cannot yet outlive it for a long-lived sandbox",
+            remediation="use CIDR rules (network.egress) or runtimeConfig.networkProxy, or "
+            "run the workload one-shot",
+        )
+    attachment = NetworkAttachment(pid, plan, audit)
+    if plan.mode == "proxy":
+        assert plan.proxy_url is not None, "proxy mode carries the proxy URL"
+        attachment._service_ports = (("tcp", _proxy_port(plan.proxy_url)),)
+        attachment._only_services = True
+        attachment.proxy_url_inside = _rewrite_proxy_url(plan.proxy_url)
+    attachment._install(plan.spec, corral)
+    link = slirp.start(pid, host_loopback=True, exit_fd=exit_fd, workdir=workdir)
+    try:
+        for spec in corral.publish:
+            link.publish(spec)
+    except BaseException:
+        link.close()
+        raise
+    attachment._slirp = link
+    attachment._emit({"event": "network.attach", "mode": plan.mode, "rules": attachment.describe()})
+    return attachment.proxy_url_inside
+
+
+def replace_rules_in(pid: int, spec: NetworkSpec, corral_network: dict[str, Any]) -> list[str]:
+    """Replace the rules of the sandbox whose network namespace ``pid`` is in, from any
+    process allowed to enter it: the whole table in one nft transaction, so new connections
+    see either the old rules or the new ones. Returns the rules installed. The caller keeps
+    published ports unchanged (slirp4netns forwards them)."""
+    corral = _corral_spec(corral_network)
+    if corral.hosts_given:
+        raise PolicyError(
+            "corral.network.hosts cannot be set on a long-lived sandbox",
+            remediation="use CIDR rules (network.egress)",
+        )
+    inputs = ruleset.RulesetInputs(spec, publish=corral.publish)
+    nft.run_in(pid, ruleset.render_table(inputs))
+    return [f"nftables: {r.meaning}: {r.nft}" for r in ruleset.render(inputs)]
+
+
+def proxy_url_inside(url: str) -> str:
+    """What ``runtimeConfig.networkProxy`` becomes inside the sandbox (through 10.0.2.2)."""
+    return _rewrite_proxy_url(url)

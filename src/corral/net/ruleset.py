@@ -90,6 +90,11 @@ def _output_chain(inputs: RulesetInputs) -> Iterable[RuleLine]:
             f"ip daddr {addresses.HOST_LOOPBACK_V4} {_proto(proto)} dport {int(port)} accept",
             f"egress: Corral service on host loopback {proto}/{int(port)}",
         )
+    if inputs.dns_stub_port is not None:
+        yield RuleLine(
+            f"meta nfproto ipv6 meta l4proto {{ tcp, udp }} th dport 53 {REJECT}",
+            "egress: DNS over IPv6: reject (Corral's DNS stub answers every IPv4 query)",
+        )
     if inputs.only_services:
         yield RuleLine(REJECT, "egress: everything except the proxy: reject")
         return

@@ -74,6 +74,8 @@ class SlirpNetwork:
         if self.exit_w >= 0:
             os.close(self.exit_w)  # slirp4netns exits when this pipe closes
             self.exit_w = -1
+        else:
+            self.process.kill()  # another process holds the exit pipe: stop it directly
         try:
             self.process.wait(timeout=2)
         except subprocess.TimeoutExpired:
@@ -94,8 +96,20 @@ class SlirpNetwork:
         return reply
 
 
-def start(pid: int, *, host_loopback: bool, ipv6: bool = True) -> SlirpNetwork:
-    """Connect the network namespace of ``pid`` to the host; return once its tap is up."""
+def start(
+    pid: int,
+    *,
+    host_loopback: bool,
+    ipv6: bool = True,
+    exit_fd: int | None = None,
+    workdir: str | None = None,
+) -> SlirpNetwork:
+    """Connect the network namespace of ``pid`` to the host; return once its tap is up.
+
+    ``exit_fd``: the read end of a pipe whose write end another process holds (a long-lived
+    sandbox's supervisor): slirp4netns then lives exactly as long as that process, and the
+    returned network's ``close`` only stops it early. ``workdir``: where its API socket and
+    log go (created 0700; default a fresh temporary directory)."""
     argv = [binary(), "--configure", "--mtu=65520", "--enable-seccomp"]
     if os.geteuid() == 0:
         # Its sandbox needs uid 0 inside the user namespace, which unprivileged sandboxes
@@ -107,8 +121,14 @@ def start(pid: int, *, host_loopback: bool, ipv6: bool = True) -> SlirpNetwork:
         argv.append("--disable-host-loopback")
     if os.stat(f"/proc/{pid}/ns/user").st_ino != os.stat("/proc/self/ns/user").st_ino:
         argv.append(f"--userns-path=/proc/{pid}/ns/user")
-    workdir = tempfile.mkdtemp(prefix="corral-slirp-")
-    exit_r, exit_w = os.pipe()
+    if workdir is None:
+        workdir = tempfile.mkdtemp(prefix="corral-slirp-")
+    else:
+        os.mkdir(workdir, 0o700)
+    if exit_fd is None:
+        exit_r, exit_w = os.pipe()
+    else:
+        exit_r, exit_w = exit_fd, -1
     ready_r, ready_w = os.pipe()
     argv += [
         f"--exit-fd={exit_r}",
@@ -131,11 +151,13 @@ def start(pid: int, *, host_loopback: bool, ipv6: bool = True) -> SlirpNetwork:
     except OSError as exc:
         log.close()
         for fd in (exit_r, exit_w, ready_r, ready_w):
-            os.close(fd)
+            if fd >= 0 and fd != exit_fd:
+                os.close(fd)
         shutil.rmtree(workdir, ignore_errors=True)
         raise CorralError(f"cannot start slirp4netns: {exc}", code=ErrorCode.BACKEND_ERROR) from exc
     log.close()
-    os.close(exit_r)
+    if exit_fd is None:
+        os.close(exit_r)
     os.close(ready_w)
     net = SlirpNetwork(process, exit_w, workdir)
     try:
