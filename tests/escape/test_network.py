@@ -171,3 +171,33 @@ def test_published_port_reachable_from_host() -> None:
                     raise
                 time.sleep(0.1)
         assert proc.wait(timeout=10) == 0
+
+
+@pytest.mark.timeout(60)
+def test_hostname_rules_through_the_sdk(runner: Runner) -> None:
+    """With corral.network.hosts the workload gets the policy proxy in its environment; a
+    denied name is refused with a JSON 403 the agent can read, whatever the address; with
+    tlsInterception the sandbox trusts Corral's per-sandbox CA through the system bundle."""
+    script = (
+        "import os,socket\n"
+        "p=os.environ['HTTPS_PROXY'].rsplit('/',1)[-1].rsplit(':',1)\n"
+        "s=socket.create_connection((p[0],int(p[1])),timeout=5)\n"
+        "s.sendall(b'CONNECT denied.example:443 HTTP/1.1\\r\\nHost: denied.example:443\\r\\n\\r\\n')\n"
+        "print(s.recv(4096).decode().splitlines()[0])\n"
+        "print(sum(1 for l in open('/etc/ssl/certs/ca-certificates.crt') if 'BEGIN' in l))\n"
+        "print(os.environ.get('SSL_CERT_FILE'))\n"
+    )
+    hosts = {"allow": [{"host": "allowed.example", "methods": ["GET"], "paths": ["/v1/"]}]}
+    request = {
+        "process": {"commandLine": f"{PY} -c {_quote(script)}"},
+        "network": {"egress": {"default": "deny"}},
+        "corral": {"network": {"hosts": hosts, "tlsInterception": True}},
+    }
+    result = runner.run(request)
+    assert result.exit_code == 0, result.stderr
+    status, bundle_certs, cert_file = result.stdout.splitlines()
+    assert status.startswith("HTTP/1.1 403")
+    with open("/etc/ssl/certs/ca-certificates.crt") as f:
+        system_certs = sum(1 for line in f if "BEGIN" in line)
+    assert int(bundle_certs) == system_certs + 1
+    assert cert_file == "/etc/ssl/certs/ca-certificates.crt"

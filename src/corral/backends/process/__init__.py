@@ -20,6 +20,13 @@ from corral.kernel import namespaces
 from corral.plan import Plan
 
 NAME = "process"
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+CA_BUNDLE_VARIABLES = (
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "NODE_EXTRA_CA_CERTS",
+)
 CONTAINMENTS = ("process", "bubblewrap")
 
 
@@ -204,12 +211,16 @@ def _attach_network(plan: Plan, launched: Any, cleanups: list[Any], options: Lau
         attachment = net.attach(plan.network, pid=launched.pid, audit=options.audit)
         cleanups.append(attachment.close)
         inside = attachment.proxy_url_inside
-        overrides = {
-            key: inside
-            for key in plan.env
-            if inside and key.lower().endswith("_proxy") and key.lower() != "no_proxy"
-        }
-        os.write(launched.sync_w, json.dumps(overrides).encode() or b"{}")
+        env: dict[str, str] = {}
+        if inside:  # the proxy as the sandbox reaches it, in every spelling tools read
+            for name in ("http_proxy", "https_proxy", "all_proxy"):
+                env[name] = env[name.upper()] = inside
+        binds: list[tuple[str, str]] = []
+        if attachment.ca_bundle_path:
+            # TLS interception: the sandbox trusts its own CA (and the system's), nothing else.
+            binds.append((attachment.ca_bundle_path, SYSTEM_CA_BUNDLE))
+            env.update(dict.fromkeys(CA_BUNDLE_VARIABLES, SYSTEM_CA_BUNDLE))
+        os.write(launched.sync_w, json.dumps({"env": env, "binds": binds}).encode())
     except ImportError as exc:
         raise BackendUnavailableError(f"network policy needs corral.net: {exc}") from exc
     finally:

@@ -158,7 +158,12 @@ def _outer(
         os.close(sync_r)
         if not overrides:
             return 125  # the caller gave up (network set-up failed and was reported there)
-        spec.env.update(json.loads(overrides))
+        message = json.loads(overrides)
+        spec.env.update(message["env"])
+        spec.mount_steps.extend(
+            MountStep("bind", target, is_dir=False, source=source)
+            for source, target in message["binds"]
+        )
     alive_r, alive_w = os.pipe2(os.O_CLOEXEC)
     init_pid = os.fork()
     if init_pid == 0:

@@ -31,6 +31,7 @@ class MountStep:
     readonly: bool = True
     is_dir: bool = True
     target: str = ""  # symlink target
+    source: str = ""  # bind source on the host when it differs from ``path``
 
 
 def plan_mounts(fs: FilesystemPolicy, *, private_tmp: bool = True) -> list[MountStep]:
@@ -94,7 +95,7 @@ def build_root(steps: Sequence[MountStep]) -> None:
                 dst.write(src.read())
         elif step.kind == "bind":
             _ensure_mountpoint(target, step.is_dir)
-            mounts.bind(_OLD + step.path, target, readonly=step.readonly)
+            mounts.bind(_OLD + (step.source or step.path), target, readonly=step.readonly)
         elif step.kind == "deny":
             _ensure_mountpoint(target, step.is_dir)
             source = _DENY_MARK + "-dir" if step.is_dir else _DENY_MARK
