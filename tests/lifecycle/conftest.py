@@ -28,4 +28,5 @@ def run_dir(
         gc.collect()
 
 
-pytest_plugins = ["test_users"]  # its `service` fixture (the root service) serves session tests
+# The root service fixture of test_users also serves the session tests.
+from tests.lifecycle.test_users import service  # noqa: E402, F401

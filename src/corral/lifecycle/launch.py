@@ -182,7 +182,8 @@ def _attach_network(plan: Plan, launched: Launched, exit_r: int, workdir: str) -
             return  # the child failed; its error arrives on the error pipe
         shutil.rmtree(workdir, ignore_errors=True)  # a previous start's
         net.attach_detached(plan.network, pid=launched.pid, exit_fd=exit_r, workdir=workdir)
-        os.write(launched.sync_w, b"{}")  # exec requests carry their own environment
+        # exec requests carry their own environment
+        os.write(launched.sync_w, b'{"env": {}, "binds": []}')
     except BaseException:
         kill_supervisor(launched.pid)
         os.close(launched.error_r)
