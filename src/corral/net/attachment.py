@@ -113,7 +113,11 @@ class NetworkAttachment:
         """Every rule with the mechanism that enforces it (for the plan and ``--dry-run``)."""
         lines = [f"nftables: {r.meaning}: {r.nft}" for r in ruleset.render(self._inputs)]
         if self._slirp is not None:
-            lines.append("user-mode-networking: slirp4netns, sandbox 10.0.2.100 behind 10.0.2.2")
+            lines.append(
+                "user-mode-networking: slirp4netns, sandbox "
+                f"{addresses.GUEST_V4} and {addresses.GUEST_V6} behind "
+                f"{addresses.HOST_LOOPBACK_V4} and {addresses.HOST_LOOPBACK_V6}"
+            )
             lines += [
                 f"user-mode-networking: publish 127.0.0.1:{p.host_port}/{p.protocol} -> "
                 f"sandbox port {p.sandbox_port}"
