@@ -13,9 +13,14 @@ meta="linux-image-amd64"
 # (dependencies first, as their .modinfo `depends=` says).
 modules="drivers/virtio/virtio_ring.ko drivers/virtio/virtio.ko drivers/virtio/virtio_mmio.ko
 drivers/char/virtio_console.ko fs/netfs/netfs.ko fs/fscache/fscache.ko net/9p/9pnet.ko
-net/9p/9pnet_virtio.ko fs/9p/9p.ko"
+net/9p/9pnet_virtio.ko fs/9p/9p.ko net/core/failover.ko drivers/net/net_failover.ko
+drivers/net/virtio_net.ko"
+wanted_order=$(echo "$modules" | tr ' ' '\n' | sed 's|.*/||')
 
-if [ -e "$cache/vmlinuz" ] && [ -e "$cache/modules/version" ]; then
+# Cached when the kernel is there with exactly this module list (an older cache without the
+# network modules is fetched again).
+if [ -e "$cache/vmlinuz" ] && [ -e "$cache/modules/version" ] &&
+    [ "$(cat "$cache/modules/order" 2>/dev/null)" = "$wanted_order" ]; then
     echo "guest kernel cached: $cache/$(readlink "$cache/vmlinuz")"
     exit 0
 fi
@@ -38,7 +43,7 @@ mkdir "$work/modules"
 for m in $modules; do
     cp "$work/tree/lib/modules/$version/kernel/$m" "$work/modules/"
 done
-echo "$modules" | tr ' ' '\n' | sed 's|.*/||' > "$work/modules/order"
+echo "$wanted_order" > "$work/modules/order"
 mv "$work/tree/boot/vmlinuz-$version" "$cache/vmlinuz-$version"
 rm -rf "$cache/modules"
 mv "$work/modules" "$cache/modules"

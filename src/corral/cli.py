@@ -62,7 +62,12 @@ def _parser(*, with_optional: bool = True) -> argparse.ArgumentParser:
 
 def _register_optional(sub: Any) -> None:
     """Subcommands owned by other layers (audit, lifecycle, ...), when present."""
-    for module in ("corral.audit.cli", "corral.lifecycle.cli", "corral.learn.cli"):
+    for module in (
+        "corral.audit.cli",
+        "corral.lifecycle.cli",
+        "corral.learn.cli",
+        "corral.backends.microvm.cli",
+    ):
         try:
             __import__(module)
         except ImportError:

@@ -1,6 +1,8 @@
 """The `microvm` backend (also serving `vm`): the workload runs in a QEMU micro-VM whose guest
-sees only the plan's filesystem grants (9p from a private mount namespace) and has no network
-device; the guest kernel sits behind a hypervisor (KVM when a real probe boots, else TCG)."""
+sees only the plan's filesystem grants (9p from a private mount namespace) and, when the plan
+has network rules, a NIC on QEMU's user-mode network whose every connection is a socket of
+QEMU in its own network namespace, under corral.net's nftables rules (no NIC otherwise); the
+guest kernel sits behind a hypervisor (KVM when a real probe boots, else TCG)."""
 
 from __future__ import annotations
 
@@ -8,9 +10,11 @@ import functools
 import math
 import os
 import shutil
+from typing import TYPE_CHECKING
 
 from corral.backends.base import BackendInfo, LaunchOptions, SandboxProcess
 from corral.backends.microvm import accel, snapshot
+from corral.backends.microvm import network as guest_network
 from corral.backends.microvm.image import (
     DEFAULT_CACHE_DIR,
     DEFAULT_GUEST_DIR,
@@ -22,6 +26,9 @@ from corral.backends.microvm.qemu import QEMU, Machine
 from corral.backends.microvm.vm import RUN_DIR, MicroVM
 from corral.errors import BackendUnavailableError, CorralError, PolicyError
 from corral.plan import Plan
+
+if TYPE_CHECKING:
+    from corral.net.attachment import Audit
 
 NAME = "microvm"
 CONTAINMENTS = ("microvm", "vm")
@@ -40,48 +47,46 @@ class MicrovmBackend:
         cache_dir: str = DEFAULT_CACHE_DIR,
         *,
         fast_start: bool = True,
+        minimal_kernel: bool = True,
     ) -> None:
+        """``minimal_kernel``: boot the kernel of `corral vm build-kernel` when it is built."""
         self._guest_dir = guest_dir
         self._cache_dir = cache_dir
         self._fast_start = fast_start
+        self._minimal_kernel = minimal_kernel
 
     def probe(self) -> BackendInfo:
-        return _probe(self._guest_dir, self._cache_dir)
+        return _probe(self._guest_dir, self._cache_dir, self._minimal_kernel)
 
     def image(self) -> GuestImage:
-        return guest_image(self._guest_dir, self._cache_dir)
+        return guest_image(self._guest_dir, self._cache_dir, prefer_minimal=self._minimal_kernel)
 
     def accelerator(self) -> accel.Accelerator:
         """KVM if a probe guest really boots under it on this host (cached per boot), else TCG."""
         return accel.choose(self.image(), RUN_DIR)
 
-    def boot(self, plan: Plan) -> MicroVM:
+    def boot(self, plan: Plan, audit: Audit | None = None) -> MicroVM:
         """A VM for ``plan`` (filesystem, resources, network), resumed from the idle snapshot when
         fast start is on (the first call per image and machine boots once to save it)."""
         info = self.probe()
         if not info.available:
             raise BackendUnavailableError(f"the micro-VM backend is unavailable: {info.reason}")
-        if plan.network.mode != "none":
-            raise BackendUnavailableError(
-                "network rules in a micro-VM need QEMU's user networking wired through corral.net, "
-                "which this backend does not do yet; the VM can only run without network",
-                details={"mechanism": "microvm-network"},
-                remediation="drop the network rules, or use the process backend",
-            )
+        guest_network.check(plan.network, info.mechanisms)
         image = self.image()
         machine = machine_for(plan, self.accelerator().name)
+        fs, net = plan.filesystem, plan.network
         if not self._fast_start:
-            return MicroVM.boot(plan.filesystem, machine, image)
+            return MicroVM.boot(fs, machine, image, network=net, audit=audit)
         saved = snapshot.ensure(image, machine, self._cache_dir)
         try:
-            return MicroVM.boot(plan.filesystem, machine, image, snapshot=saved)
+            return MicroVM.boot(fs, machine, image, snapshot=saved, network=net, audit=audit)
         except CorralError:
             os.unlink(saved)  # a snapshot this QEMU cannot load: boot cold, save anew next time
-            return MicroVM.boot(plan.filesystem, machine, image)
+            return MicroVM.boot(fs, machine, image, network=net, audit=audit)
 
     def launch(self, plan: Plan, options: LaunchOptions) -> SandboxProcess:
         """One shot: boot, run the plan's command, and shut the VM down when the handle closes."""
-        vm = self.boot(plan)
+        vm = self.boot(plan, options.audit)
         try:
             proc = vm.exec(
                 plan.command,
@@ -122,11 +127,17 @@ def machine_for(plan: Plan, accelerator: str) -> Machine:
         cpus = res.cpu_percent // 100
     if cpus > (os.cpu_count() or 1):
         raise PolicyError(f"{cpus} vCPUs asked, the host has {os.cpu_count()} CPUs")
-    return Machine(accelerator, memory, math.ceil(cpus))
+    return Machine(
+        accelerator,
+        memory,
+        math.ceil(cpus),
+        nic=plan.network.mode != "none",
+        forwards=guest_network.forwards(plan.network),
+    )
 
 
 @functools.cache
-def _probe(guest_dir: str, cache_dir: str) -> BackendInfo:
+def _probe(guest_dir: str, cache_dir: str, minimal_kernel: bool) -> BackendInfo:
     if shutil.which(QEMU) is None:
         return BackendInfo(
             NAME,
@@ -140,7 +151,7 @@ def _probe(guest_dir: str, cache_dir: str) -> BackendInfo:
             containments=CONTAINMENTS,
         )  # fmt: skip
     try:
-        image = guest_image(guest_dir, cache_dir)
+        image = guest_image(guest_dir, cache_dir, prefer_minimal=minimal_kernel)
         chosen = accel.choose(image, RUN_DIR)
     except CorralError as exc:
         reason = exc.message + (f" ({exc.remediation})" if exc.remediation else "")
@@ -150,8 +161,10 @@ def _probe(guest_dir: str, cache_dir: str) -> BackendInfo:
         "guest-filesystem": "virtio-9p export of a staged root: read-only binds for read-only grants",
         "mount-namespace": "QEMU runs in a private mount namespace holding only the granted paths "
         "(denied paths covered), the 9p export's sole source",
-        "network-namespace": "QEMU runs in a private network namespace and the guest has no network device",
+        "network-namespace": "QEMU runs in a private network namespace; the guest has no "
+        "network device unless the plan has network rules",
         "guest-memory": "guest RAM = corral.resources.memoryMb (default 256 MiB)",
         "guest-cpus": "vCPUs = corral.resources cpu / 100 (whole CPUs only)",
+        **guest_network.mechanisms(),
     }
     return BackendInfo(NAME, True, mechanisms=mechanisms, containments=CONTAINMENTS)

@@ -30,18 +30,37 @@ class GuestImage:
 
 
 def guest_image(
-    guest_dir: str = DEFAULT_GUEST_DIR, cache_dir: str = DEFAULT_CACHE_DIR
+    guest_dir: str = DEFAULT_GUEST_DIR,
+    cache_dir: str = DEFAULT_CACHE_DIR,
+    *,
+    prefer_minimal: bool = True,
 ) -> GuestImage:
-    """The kernel and a (cached) initramfs; raises BackendUnavailableError naming what is missing."""
-    kernel = os.path.join(guest_dir, "vmlinuz")
+    """The kernel and a (cached) initramfs; raises BackendUnavailableError naming what is missing.
+    The minimal kernel of `corral vm build-kernel` (no modules) wins when it has been built."""
+    from corral.backends.microvm import kernel as minimal_kernel  # lazy: also run as __main__
+
+    minimal = minimal_kernel.built_kernel(cache_dir) if prefer_minimal else None
+    if minimal is not None:
+        return minimal_guest(minimal, cache_dir)
+    kernel_path = os.path.join(guest_dir, "vmlinuz")
     modules = os.path.join(guest_dir, "modules")
-    if not os.path.isfile(kernel) or not os.path.isfile(os.path.join(modules, "order")):
+    if not os.path.isfile(kernel_path) or not os.path.isfile(os.path.join(modules, "order")):
         raise BackendUnavailableError(
             f"no micro-VM guest kernel in {guest_dir}", remediation=FETCH_HINT
         )
     with open(os.path.join(modules, "version")) as f:
         version = f.read().strip()
-    return GuestImage(_uncompressed(kernel, cache_dir), _initramfs(modules, cache_dir), version)
+    return GuestImage(
+        _uncompressed(kernel_path, cache_dir), _initramfs(modules, cache_dir), version
+    )
+
+
+def minimal_guest(vmlinux: str, cache_dir: str) -> GuestImage:
+    """The guest around the kernel of `corral vm build-kernel` (everything built in)."""
+    from corral.backends.microvm import kernel as minimal_kernel
+
+    release = minimal_kernel.kernel_release(vmlinux)
+    return GuestImage(vmlinux, _initramfs(None, cache_dir), release)
 
 
 def _uncompressed(kernel: str, cache_dir: str) -> str:
@@ -67,9 +86,15 @@ def _uncompressed(kernel: str, cache_dir: str) -> str:
     return target
 
 
-def _initramfs(modules: str, cache_dir: str) -> str:
-    with open(os.path.join(modules, "order")) as f:
-        order = f.read().split()
+def _initramfs(modules: str | None, cache_dir: str) -> str:
+    """``modules``: the directory of the modules to load at boot, None for a kernel without."""
+    loaded: dict[str, bytes] = {}
+    if modules is not None:
+        with open(os.path.join(modules, "order")) as f:
+            for name in f.read().split():
+                with open(os.path.join(modules, name), "rb") as module:
+                    loaded[name] = module.read()
+    order = list(loaded)
     guest = resources.files("corral.backends.microvm") / "guest"
     sources = {
         "init": guest.joinpath("init").read_bytes(),
@@ -77,9 +102,7 @@ def _initramfs(modules: str, cache_dir: str) -> str:
         "busybox": _read_static_busybox(),
         "modules/order": "\n".join(order).encode() + b"\n",
     }
-    for name in order:
-        with open(os.path.join(modules, name), "rb") as f:
-            sources["modules/" + name] = f.read()
+    sources.update({"modules/" + name: data for name, data in loaded.items()})
     digest = hashlib.sha256()
     for name in sorted(sources):
         digest.update(name.encode() + b"\0" + hashlib.sha256(sources[name]).digest())

@@ -14,6 +14,14 @@ QEMU = "qemu-system-x86_64"
 AGENT_FD = 3  # the guest agent's channel: one end of a socketpair, passed to QEMU
 QMP_FD = 4
 NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=524288,cache=loose"
+# The guest's side of QEMU's user-mode network (guest/init configures it statically). It must
+# not overlap slirp4netns's 10.0.2.0/24 in QEMU's network namespace: a guest connection to
+# 10.0.2.2 then leaves QEMU as an ordinary socket to 10.0.2.2 (the host's loopback, decided by
+# the nftables rules of that namespace), while QEMU's own gateway alias GUEST_GATEWAY only
+# reaches the namespace's loopback, where nothing listens.
+GUEST_NETWORK = "10.0.3.0/24"
+GUEST_GATEWAY = "10.0.3.2"
+GUEST_ADDRESS = "10.0.3.15"
 
 
 @dataclass(frozen=True)
@@ -21,6 +29,10 @@ class Machine:
     accel: str  # "kvm" or "tcg"
     memory_mb: int
     cpus: int
+    nic: bool = False  # a virtio-net device on QEMU's user-mode network; none = no network
+    # corral.network.publish: (protocol, port) QEMU listens on in its namespace, where
+    # slirp4netns delivers the host's published port, and forwards to the same guest port.
+    forwards: tuple[tuple[str, int], ...] = ()
 
 
 def argv(image: GuestImage, machine: Machine, stage_root: str, console_log: str) -> list[str]:
@@ -49,7 +61,20 @@ def argv(image: GuestImage, machine: Machine, stage_root: str, console_log: str)
         "-device", "virtio-9p-device,fsdev=root,mount_tag=root",
         "-chardev", f"socket,id=qmp,fd={QMP_FD}",
         "-mon", "chardev=qmp,mode=control",
+        *(_nic(machine.forwards) if machine.nic else ()),
     ]  # fmt: skip
+
+
+def _nic(forwards: tuple[tuple[str, int], ...]) -> list[str]:
+    """QEMU's user-mode stack (libslirp): every guest connection becomes a socket of the QEMU
+    process in its network namespace, where corral.net's nftables rules and slirp4netns apply.
+    IPv4 only, no TFTP or SMB; the guest configures itself statically (QEMU's DHCP goes unused)
+    and resolves names through 10.0.2.3, slirp4netns's forwarder, like a process sandbox."""
+    netdev = (
+        f"user,id=net0,net={GUEST_NETWORK},host={GUEST_GATEWAY},dns=10.0.3.3,"
+        "ipv4=on,ipv6=off,dhcpstart=10.0.3.200"
+    ) + "".join(f",hostfwd={proto}::{port}-{GUEST_ADDRESS}:{port}" for proto, port in forwards)
+    return ["-netdev", netdev, "-device", "virtio-net-device,netdev=net0"]
 
 
 def host_tsc_khz() -> int:

@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from corral.backends.base import LaunchOptions
 from corral.backends.microvm import protocol, qemu, stage
@@ -25,7 +26,12 @@ from corral.backends.microvm.image import GuestImage
 from corral.backends.microvm.process import Channel, GuestProcess
 from corral.errors import BackendUnavailableError, CorralError
 from corral.kernel.privileges import PreparedPrivileges
+from corral.plan import NetworkPlan
 from corral.policy.filesystem import FilesystemPolicy
+
+if TYPE_CHECKING:
+    from corral.net import NetworkAttachment
+    from corral.net.attachment import Audit
 
 RUN_DIR = os.environ.get("CORRAL_RUN_DIR", "/run/corral") + "/microvm"
 _OWNER = "qemu.pid"
@@ -49,6 +55,7 @@ class MicroVM:
         self._rundir = rundir
         self._stage = view
         self._busy = threading.Lock()
+        self._network: NetworkAttachment | None = None
 
     @classmethod
     def boot(
@@ -59,11 +66,21 @@ class MicroVM:
         *,
         snapshot: str | None = None,
         boot_timeout: float = 60.0,
+        network: NetworkPlan | None = None,
+        audit: Audit | None = None,
     ) -> MicroVM:
         """Boot a guest that sees ``fs``; with ``snapshot`` (written by save() from an idle VM of
-        the same image and machine), resume that guest instead of booting a kernel."""
+        the same image and machine), resume that guest instead of booting a kernel.
+        ``network`` (mode rules or proxy; the machine must have a NIC): corral.net enforces it
+        on QEMU's network namespace before the guest runs anything."""
+        if (network is not None and network.mode != "none") != machine.nic:
+            raise CorralError("a micro-VM has a NIC exactly when its plan has network rules")
         vm = cls._start(fs, machine, image, incoming=snapshot)
         try:
+            if network is not None and network.mode != "none":
+                from corral import net
+
+                vm._network = net.attach(network, pid=vm.pid, audit=audit)
             if snapshot is None:
                 vm._await_agent(boot_timeout)
             else:
@@ -111,7 +128,9 @@ class MicroVM:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                pass_fds=(qemu.AGENT_FD, qemu.QMP_FD),
+                # Not pass_fds=(3, 4): those numbers need not be open in this process (a
+                # thread's socket may hold one, or none), which fails the spawn with EBADF.
+                close_fds=False,
                 preexec_fn=lambda: _child_setup(
                     view, privileges, parent, agent_peer.fileno(), monitor_peer.fileno()
                 ),
@@ -142,6 +161,7 @@ class MicroVM:
     ) -> GuestProcess:
         """Run ``argv`` in the guest; the previous process must be closed first."""
         options = options or LaunchOptions()
+        env = self._with_proxy(env)
         if options.pty is not None:
             raise BackendUnavailableError("the micro-VM agent does not offer a terminal (pty) yet")
         if not self._busy.acquire(blocking=False):
@@ -178,9 +198,22 @@ class MicroVM:
         if self._proc.poll() is None:
             self._proc.send_signal(signal.SIGKILL)
         self._proc.wait()
+        if self._network is not None:
+            self._network.close()
         self._channel.close()
         self._qmp.close()
         shutil.rmtree(self._rundir, ignore_errors=True)
+
+    def _with_proxy(self, env: Mapping[str, str]) -> Mapping[str, str]:
+        """As the process backend does: the proxy variables the plan set name the proxy as
+        the guest reaches it (through 10.0.2.2)."""
+        inside = self._network.proxy_url_inside if self._network is not None else None
+        if inside is None:
+            return env
+        return {
+            k: inside if k.lower().endswith("_proxy") and k.lower() != "no_proxy" else v
+            for k, v in env.items()
+        }
 
     def _await_agent(self, timeout: float) -> None:
         try:
@@ -232,6 +265,7 @@ def _child_setup(
     high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (agent_fd, monitor_fd)]
     os.dup2(high[0], qemu.AGENT_FD)
     os.dup2(high[1], qemu.QMP_FD)
+    os.closerange(qemu.QMP_FD + 1, os.sysconf("SC_OPEN_MAX"))  # QEMU inherits 0-4 only
     stage.enter(plan, privileges, parent)
 
 
