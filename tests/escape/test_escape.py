@@ -240,3 +240,11 @@ class TestSockets:
             assert_blocked(scene, "connect_tcp", "127.0.0.1", port)
         finally:
             server.close()
+
+
+def test_listing_the_root_shows_only_the_policy(scene: Scene) -> None:
+    result = scene.runner.run({"process": {"commandLine": "ls /; ls /var/tmp 2>&1; ls /home 2>&1"}})
+    names = result.stdout.split()
+    assert {"usr", "etc", "tmp", "proc", "dev"} <= set(names)
+    assert "home" not in names and "root" not in names and "var" not in names
+    assert "No such file or directory" in result.stdout

@@ -58,13 +58,14 @@ def host_abi() -> int:
 class PathRule:
     """Access granted beneath ``path``.
 
-    ``read``: read files, list directories, execute. ``write``: that plus every write right of
-    the host's ABI (write, truncate, create and remove every kind of entry, rename/link across
-    directories, device ioctls, and on ABI 9+ connecting to unix sockets by path).
+    ``list``: list directories only (no file is opened through it). ``read``: read files, list
+    directories, execute. ``write``: that plus every write right of the host's ABI (write,
+    truncate, create and remove every kind of entry, rename/link across directories, device
+    ioctls, and on ABI 9+ connecting to unix sockets by path).
     """
 
     path: str
-    access: Literal["read", "write"]
+    access: Literal["list", "read", "write"]
 
 
 @dataclass
@@ -159,12 +160,13 @@ def prepare(
 
 
 def _add_rule(ruleset: landlockpy.Ruleset, rule: PathRule, handled: AccessFS) -> None:
-    if rule.access not in ("read", "write"):
+    if rule.access not in ("list", "read", "write"):
         raise CorralError(
-            f"Landlock rule for {rule.path!r} has access {rule.access!r}; use 'read' or 'write'",
+            f"Landlock rule for {rule.path!r} has access {rule.access!r}; "
+            "use 'list', 'read' or 'write'",
             code=ErrorCode.POLICY_VALIDATION,
         )
-    rights = _READ_RIGHTS if rule.access == "read" else handled
+    rights = {"list": AccessFS.READ_DIR, "read": _READ_RIGHTS}.get(rule.access, handled)
     try:
         if not stat.S_ISDIR(os.stat(rule.path).st_mode):
             rights &= _FILE_RIGHTS

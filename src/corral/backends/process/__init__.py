@@ -233,7 +233,9 @@ def _landlock_rules(plan: Plan) -> list[Any]:
     Corral's allow-listed tmpfs, so one rule covers it instead of one per entry."""
     from corral.kernel.landlock import PathRule
 
-    rules = [PathRule("/etc", "read")]
+    # Listing is harmless in a root that holds only what the policy shows (denied paths are
+    # mode-000 covers), and agents do run `ls /` and `find`; opening files stays per grant.
+    rules = [PathRule("/", "list"), PathRule("/etc", "read")]
     rules += [
         PathRule(e.path, "write" if e.access == "rw" else "read")
         for e in plan.filesystem.entries
