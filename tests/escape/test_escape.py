@@ -248,3 +248,12 @@ def test_listing_the_root_shows_only_the_policy(scene: Scene) -> None:
     assert {"usr", "etc", "tmp", "proc", "dev"} <= set(names)
     assert "home" not in names and "root" not in names and "var" not in names
     assert "No such file or directory" in result.stdout
+
+
+def test_caller_command_line_is_not_visible(root_runner: Runner) -> None:
+    """The sandbox's init is a fork of the caller: its argv (which may carry secrets) must not
+    show through /proc/1/cmdline."""
+    with open("/proc/self/cmdline", "rb") as f:  # the attack works on the host
+        assert b"pytest" in f.read()
+    result = root_runner.run({"process": {"commandLine": "tr '\\0' ' ' < /proc/1/cmdline"}})
+    assert result.stdout.strip() == "corral-init"

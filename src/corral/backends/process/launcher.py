@@ -205,6 +205,7 @@ def _supervise(init_pid: int, lifeline_r: int | None) -> int:
 
 def _init(spec: ChildSpec, error_w: int, alive_r: int) -> int:
     _die_with_parent(alive_r)
+    _scrub_cmdline(b"corral-init")
     build_root(spec.mount_steps)
     landlock = spec.landlock_prepare(spec.landlock_rules) if spec.landlock_prepare else None
     if spec.serve is not None:
@@ -275,6 +276,21 @@ def _die_with_parent(alive_r: int) -> None:
     if ready:
         os._exit(137)
     os.close(alive_r)
+
+
+def _scrub_cmdline(name: bytes) -> None:
+    """Init is a fork of the caller and the only process of ours the workload can see: its
+    /proc/1/cmdline would show the caller's command line (which may carry secrets). Overwrite
+    the argument area in place (a process may write its own memory through /proc/self/mem)."""
+    with open("/proc/self/stat", "rb") as f:
+        fields = f.read().rpartition(b")")[2].split()
+    arg_start, arg_end = int(fields[45]), int(fields[46])  # fields 48 and 49 of proc(5)
+    size = arg_end - arg_start
+    if size <= 0:
+        return
+    with open("/proc/self/mem", "r+b", buffering=0) as mem:
+        mem.seek(arg_start)
+        mem.write(name[: size - 1].ljust(size, b"\0"))
 
 
 def _loopback_up() -> None:
