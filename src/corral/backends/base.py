@@ -56,13 +56,17 @@ class SandboxProcess(abc.ABC):
     pty_fd: int | None = None  # master side when launched with a pty
     pid: int
 
-    @property
-    @abc.abstractmethod
-    def timed_out(self) -> bool: ...
+    # Set by each backend as the workload ends; read through the properties below.
+    _returncode: int | None = None
+    _timed_out: bool = False
 
     @property
-    @abc.abstractmethod
-    def returncode(self) -> int | None: ...
+    def timed_out(self) -> bool:
+        return self._timed_out
+
+    @property
+    def returncode(self) -> int | None:
+        return self._returncode
 
     @abc.abstractmethod
     def wait(self, timeout: float | None = None) -> int:

@@ -40,14 +40,6 @@ class RemoteProcess(SandboxProcess):
         self._returncode: int | None = None
         self._timed_out = False
 
-    @property
-    def timed_out(self) -> bool:
-        return self._timed_out
-
-    @property
-    def returncode(self) -> int | None:
-        return self._returncode
-
     def fileno_for_exit(self) -> int | None:
         return self._conn.fileno()
 

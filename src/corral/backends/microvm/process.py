@@ -78,14 +78,6 @@ class GuestProcess(SandboxProcess):
             self._timer.daemon = True
             self._timer.start()
 
-    @property
-    def timed_out(self) -> bool:
-        return self._timed_out
-
-    @property
-    def returncode(self) -> int | None:
-        return self._returncode
-
     def wait(self, timeout: float | None = None) -> int:
         if not self._done.wait(timeout):
             raise TimeoutError(f"the micro-VM workload is still running after {timeout} s")

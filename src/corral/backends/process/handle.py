@@ -42,14 +42,6 @@ class ProcessSandbox(SandboxProcess):
         self._closed = False
 
     @property
-    def timed_out(self) -> bool:
-        return self._timed_out
-
-    @property
-    def returncode(self) -> int | None:
-        return self._returncode
-
-    @property
     def deadline(self) -> float | None:
         return self._deadline
 
