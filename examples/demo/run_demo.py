@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def main() -> int:
     root = tempfile.mkdtemp(prefix="corral-demo-")
+    try:
+        return demo(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def demo(root: str) -> int:
     project = os.path.join(root, "project")
     workspace = os.path.join(root, "workspace")
     home = os.path.join(root, "home")
@@ -34,7 +42,7 @@ def main() -> int:
     server = http.server.HTTPServer(("127.0.0.1", 0), _Quiet)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
-    os.system(f"cp {HERE}/agent.py {workspace}/agent.py")
+    shutil.copy(os.path.join(HERE, "agent.py"), workspace)
 
     request = {
         "version": "1.0.0",
