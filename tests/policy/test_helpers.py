@@ -22,7 +22,7 @@ def test_helpers_compose_into_a_working_sandbox(tmp_path: os.PathLike[str]) -> N
         f.write("KEY")
     with open(os.path.join(home, ".config", "tool", "cfg"), "w") as f:
         f.write("setting=1")
-    scratch = temporary_files_policy()
+    scratch = temporary_files_policy(os.path.join(tmp_path, "scratch"))
     fs = merge(tools_policy("/usr/bin"), scratch, user_profile_policy(home))
     out_dir = scratch["readwritePaths"][0]
     command = (
