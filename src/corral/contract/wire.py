@@ -259,12 +259,14 @@ def provision_shape(version: str, containment: str) -> Obj | None:
         )
     if containment == "isolation_session":
         # MXC demands the all-allow posture here; Corral also accepts a restricted network
-        # (its session backend can enforce one), so the shape is the general NETWORK.
+        # (its session backend can enforce one), so the shape is the general NETWORK. `ui`
+        # is a Corral extension here too: a private display for the long-lived session.
         return with_fields(
             base,
             {
                 "network": NETWORK,
                 "isolationSession": obj({"provision": obj({"appId": STR})}),
+                "ui": _UI,
             },
             "network",
         )

@@ -128,7 +128,7 @@ def spawn(
             raise _phase_error(ErrorCode.NOT_STARTED, sandbox_id, f"is {state.phase}, not started")
         request = _request(state)
         if state.session is not None:
-            plan = session.plan_exec(state.session, process)
+            plan = session.plan_exec(state.session, process, private_display=not request.ui.disable)
         else:
             plan = plan_exec(_sandbox_plan(state, request), request, process)
         return start_exec(

@@ -8,7 +8,12 @@ write that): which identity belongs to the sandbox, whose sandbox it is, and whi
 its supervisor.
 
     <run dir>/sessions/            mode 0700, root
-    <run dir>/sessions/<token>     {"sandboxId", "owner", "identity", "supervisor": [pid, start]}
+    <run dir>/sessions/<token>     {"sandboxId", "owner", "identity", "supervisor": [pid, start],
+                                    "helpers": [[pid, start], ...]}
+
+``helpers`` are the started sandbox's processes outside its supervisor (its private Xvfb):
+detached so that they outlive the starting call, killed by this record at stop, deprovision
+and `corral gc` (which deprovisions orphaned bindings).
 
 The owner's own process (exec) reads only the untrusted copy in the state (``state.session``):
 it decides nothing but the workload's environment, which the owner chooses anyway.
@@ -19,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 from typing import TYPE_CHECKING, Any
 
 from corral.contract.model import ProcessSpec
@@ -132,20 +138,22 @@ def record_supervisor(sandbox_id: str, started: Started | None) -> None:
 
 
 def start(path: str, state: store.SandboxState, plan: Plan) -> Started:
-    """Start the sandbox as its agent identity; the owner may connect to its control socket."""
+    """Start the sandbox as its agent identity; the owner may connect to its control socket.
+    A private display (``ui.disable: false``) is started detached, recorded in the binding."""
     from corral.backends.session import prepare_session
 
     identity = identity_of(state.id, state.owner_uid)
     previous = trusted_supervisor(state.id)  # the state may lie about a running one
     if previous[0] is not None:
         kill_supervisor(previous[0], previous[1], 0)
-    if not plan.ui.disable:
+    _kill_helpers(state.id)
+    if not plan.ui.disable and plan.ui.clipboard != "none":
         raise BackendUnavailableError(
-            "a private display (ui.disable=false) for a long-lived isolation_session sandbox "
-            "is not built yet: its Xvfb and clipboard broker would die with the starting process",
-            remediation="keep ui.disable true, or run the workload one-shot",
+            "a clipboard broker for a long-lived isolation_session sandbox is not built yet: "
+            "its start names no human display to broker with",
+            remediation='set "ui": {"clipboard": "none"}, or run the workload one-shot',
         )
-    setup = prepare_session(plan, identity, human=None)
+    setup = prepare_session(plan, identity, human=None, detached=True)
     try:
         started = start_supervisor(
             path,
@@ -154,17 +162,47 @@ def start(path: str, state: store.SandboxState, plan: Plan) -> Started:
             adjust=setup.adjust,
             socket_owner=(state.owner_uid, state.owner_gid),
         )
-    finally:
+    except BaseException:
         setup.close()
+        raise
+    _record(state.id, "helpers", [_pid_and_start(pid) for pid in setup.let_go()])
     record_supervisor(state.id, started)
     return started
 
 
+def _pid_and_start(pid: int) -> list[int | None]:
+    return [pid, store.process_start_time(pid)]
+
+
+def _record(sandbox_id: str, key: str, value: object) -> None:
+    binding = _read(sandbox_id)
+    if binding is not None:
+        binding[key] = value
+        _write(sandbox_id, binding)
+
+
+def _kill_helpers(sandbox_id: str) -> None:
+    """The sandbox's processes outside its supervisor (its private display), by the pid and
+    start time root recorded: a reused pid is left alone."""
+    binding = _read(sandbox_id) or {}
+    for entry in binding.get("helpers") or []:
+        if not (isinstance(entry, list) and len(entry) == 2 and all(type(v) is int for v in entry)):
+            continue
+        pid, start_time = entry
+        if store.process_start_time(pid) == start_time:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    _record(sandbox_id, "helpers", [])
+
+
 def end_processes(sandbox_id: str, owner_uid: int) -> None:
-    """Stop: every process of the agent identity (also any it left outside the sandbox)."""
+    """Stop: its helpers, and every process of the agent identity (also any it left outside
+    the sandbox)."""
     from corral.backends.session.identity import kill_processes_of
 
-    kill_processes_of(identity_of(sandbox_id, owner_uid).uid)
+    identity = identity_of(sandbox_id, owner_uid)
+    _kill_helpers(sandbox_id)
+    kill_processes_of(identity.uid)
     record_supervisor(sandbox_id, None)
 
 
@@ -174,6 +212,7 @@ def unbind(sandbox_id: str) -> None:
 
     binding = _read(sandbox_id)
     identity = lookup(str(binding.get("identity"))) if binding else None
+    _kill_helpers(sandbox_id)
     if identity is not None:
         release(identity)
     with contextlib.suppress(FileNotFoundError):
@@ -204,15 +243,22 @@ def _read_file(path: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def plan_exec(session: dict[str, Any], process: ProcessSpec) -> ExecPlan:
+def plan_exec(
+    session: dict[str, Any], process: ProcessSpec, *, private_display: bool = False
+) -> ExecPlan:
     """One exec, planned in the owner's process: the agent's HOME/USER, the human's session
-    variables scrubbed, the workspace as default working directory."""
+    variables scrubbed (DISPLAY/XAUTHORITY name the sandbox's private display, if it has one),
+    the workspace as default working directory."""
+    from corral.backends.session.identity import display_dir_of
     from corral.backends.session.sandbox import HUMAN_SESSION_VARIABLES
+    from corral.ui.display import client_env
 
     env = {k: v for k, v in build_environment(process).items() if k not in HUMAN_SESSION_VARIABLES}
     workspace = str(session.get("ephemeralWorkspacePath", "/"))
     name = str(session.get("agentUserName", ""))
     env.update(HOME=workspace, USER=name, LOGNAME=name)
+    if private_display:  # only names paths: the display is reachable only inside the sandbox
+        env.update(client_env(display_dir_of(name)))
     cwd = process.cwd if process.cwd is not None else workspace
     return ExecPlan(("/bin/sh", "-c", process.command_line), env, cwd, process.timeout_ms)
 

@@ -30,6 +30,11 @@ SCREEN = "1280x800x24"
 _FAMILY_WILD = 65535  # matches the client's hostname, whatever the sandbox calls itself
 
 
+def client_env(state_dir: str) -> dict[str, str]:
+    """The variables a client inside the sandbox needs for the display kept in ``state_dir``."""
+    return {"DISPLAY": f":{DISPLAY_NUMBER}", "XAUTHORITY": os.path.join(state_dir, "Xauthority")}
+
+
 @dataclass(frozen=True)
 class DisplayAddress:
     """How Corral reaches a private display from the host: plain data, so the clipboard
@@ -53,8 +58,7 @@ class DisplayAddress:
         return f":{DISPLAY_NUMBER}"
 
     def client_env(self) -> dict[str, str]:
-        """The variables a client inside the sandbox needs."""
-        return {"DISPLAY": self.display, "XAUTHORITY": self.xauthority}
+        return client_env(self.state_dir)
 
     def client_command(self, argv: Sequence[str]) -> list[str]:
         """``argv`` run as the agent inside the display's own namespaces, where the private
@@ -73,6 +77,12 @@ class PrivateDisplay:
     server: subprocess.Popen[bytes]
     announce_r: int  # Xvfb's -displayfd; kept open, Xvfb dies if a later write to it fails
 
+    def let_go(self) -> None:
+        """Leave a detached server running (its owner stops it by pid); drop our handles."""
+        if self.announce_r >= 0:
+            os.close(self.announce_r)
+            self.announce_r = -1
+
     def close(self) -> None:
         if self.server.poll() is None:
             self.server.kill()
@@ -84,10 +94,12 @@ class PrivateDisplay:
 
 
 def start_private_display(
-    state_dir: str, uid: int, gid: int, *, timeout: float = 10.0
+    state_dir: str, uid: int, gid: int, *, timeout: float = 10.0, detached: bool = False
 ) -> PrivateDisplay:
     """Start Xvfb for ``uid`` with its socket and cookie under ``state_dir``, made afresh here
-    (a leftover of a crashed run is removed); its parent must not be writable by ``uid``."""
+    (a leftover of a crashed run is removed); its parent must not be writable by ``uid``.
+    ``detached``: it outlives the caller (own session, holds its own -displayfd reader, logs
+    to an unnamed file rather than a pipe the caller's exit would break)."""
     xvfb = shutil.which("Xvfb")
     if xvfb is None:
         raise BackendUnavailableError(
@@ -103,6 +115,7 @@ def start_private_display(
     cookie_file = os.path.join(state_dir, "Xauthority")
     _write_cookie(cookie_file, secrets.token_bytes(16), uid, gid)
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    log = os.memfd_create("xvfb-log", os.MFD_CLOEXEC) if detached else -1
     script = (
         'mount -t tmpfs -o mode=1777,size=1m tmpfs /tmp && mkdir /tmp/.X11-unix && '
         'mount --bind "$1" /tmp/.X11-unix && shift && exec "$@"'
@@ -117,21 +130,26 @@ def start_private_display(
         server = subprocess.Popen(
             ["unshare", "--mount", "--net", "--propagation", "private", "--",
              "/bin/sh", "-c", script, "sh", sockets, *server_argv],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            pass_fds=(ready_w,), env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log if detached else subprocess.PIPE,
+            pass_fds=(ready_w, ready_r) if detached else (ready_w,),
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, start_new_session=detached,
         )  # fmt: skip
     finally:
         os.close(ready_w)
     display = PrivateDisplay(DisplayAddress(state_dir, uid, gid, server.pid), server, ready_r)
     try:
-        _wait_ready(ready_r, server, timeout)
+        _wait_ready(ready_r, server, timeout, log)
     except BaseException:
         display.close()
         raise
+    finally:
+        if log >= 0:
+            os.close(log)  # Xvfb keeps its own descriptor of it
     return display
 
 
-def _wait_ready(ready_r: int, server: subprocess.Popen[bytes], timeout: float) -> None:
+def _wait_ready(ready_r: int, server: subprocess.Popen[bytes], timeout: float, log: int) -> None:
+    """``log``: the file a detached server writes its errors to (else -1: a pipe)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         readable, _, _ = select.select([ready_r], [], [], deadline - time.monotonic())
@@ -141,6 +159,8 @@ def _wait_ready(ready_r: int, server: subprocess.Popen[bytes], timeout: float) -
             break
     server.kill()
     _, err = server.communicate()
+    if log >= 0:
+        err = os.pread(log, 1 << 16, 0)
     raise CorralError(
         "the sandbox's private X server did not start: "
         + (err.decode(errors="replace").strip()[-500:] or "timed out"),

@@ -44,7 +44,11 @@ class AgentIdentity:
     @property
     def display_dir(self) -> str:
         """Where its private display keeps socket and cookie (root-owned: not in the workspace)."""
-        return os.path.join(SESSIONS_ROOT, self.name + _DISPLAY_SUFFIX)
+        return display_dir_of(self.name)
+
+
+def display_dir_of(name: str) -> str:
+    return os.path.join(SESSIONS_ROOT, name + _DISPLAY_SUFFIX)
 
 
 def require_root() -> None:

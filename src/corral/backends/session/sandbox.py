@@ -55,6 +55,14 @@ class SessionSetup:
                 MountStep("symlink", X11_SOCKET_DIR, target=self.display.address.socket_dir)
             )
 
+    def let_go(self) -> list[int]:
+        """Leave a detached display running for a long-lived sandbox; the pids to stop later."""
+        self._closed = True
+        if self.display is None:
+            return []
+        self.display.let_go()
+        return [self.display.address.server_pid]
+
     def close(self) -> None:
         """Stop the broker and the display (idempotent). The identity is released apart."""
         if self._closed:
@@ -72,9 +80,10 @@ def dacl_mutation_allowed(plan: Plan) -> bool:
 
 
 def prepare_session(
-    plan: Plan, identity: AgentIdentity, *, human: HumanDisplay | None
+    plan: Plan, identity: AgentIdentity, *, human: HumanDisplay | None, detached: bool = False
 ) -> SessionSetup:
-    """The session plan for ``identity``, with its display and broker running."""
+    """The session plan for ``identity``, with its display and broker running. ``detached``
+    (a long-lived sandbox): the display outlives the caller, see :meth:`SessionSetup.let_go`."""
     _check_ui(plan, human)
     filesystem = _session_filesystem(plan, identity)
     _grant_human_paths(plan, identity)
@@ -83,7 +92,9 @@ def prepare_session(
         env = {k: v for k, v in plan.env.items() if k not in HUMAN_SESSION_VARIABLES}
         env.update(HOME=identity.workspace, USER=identity.name, LOGNAME=identity.name)
         if not plan.ui.disable:
-            setup.display = start_private_display(identity.display_dir, identity.uid, identity.gid)
+            setup.display = start_private_display(
+                identity.display_dir, identity.uid, identity.gid, detached=detached
+            )
             env.update(setup.display.address.client_env())
             filesystem = _with_entries(
                 filesystem,
