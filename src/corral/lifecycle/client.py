@@ -14,6 +14,13 @@ import time
 from typing import IO
 
 from corral.backends.base import SandboxProcess
+from corral.backends.process.handle import (
+    collected,
+    feed_stdin,
+    output_buffers,
+    read_ready,
+    stdin_writers,
+)
 from corral.errors import CorralError, ErrorCode
 from corral.lifecycle import protocol
 
@@ -74,16 +81,9 @@ class RemoteProcess(SandboxProcess):
         """Feed stdin, collect stdout/stderr until the workload exits. Unlike a one-shot run,
         the sandbox outlives the workload, and so may a background process still holding the
         pipes: after the exit, output is read only until it pauses for DRAIN_S."""
-        out: dict[int, list[bytes]] = {}
-        for stream in (self.stdout, self.stderr):
-            if stream is not None:
-                out[stream.fileno()] = []
-        if self.pty_fd is not None:
-            out[self.pty_fd] = []
+        out = output_buffers(self)
         pending = memoryview(stdin_data or b"")
-        writers = [self.stdin.fileno()] if self.stdin is not None and stdin_data else []
-        if self.stdin is not None and not writers:
-            self.stdin.close()
+        writers = stdin_writers(self, stdin_data)
         readers = list(out)
         while readers or writers:
             exited = self._returncode is not None
@@ -94,34 +94,12 @@ class RemoteProcess(SandboxProcess):
             for fd in rlist:
                 if fd == self._conn.fileno():
                     self._read_exit()
-                    continue
-                try:
-                    chunk = os.read(fd, 65536)
-                except OSError:  # EIO: the pty's last writer closed
-                    chunk = b""
-                if chunk:
-                    out[fd].append(chunk)
                 else:
-                    readers.remove(fd)
+                    read_ready(fd, out, readers)
             if wlist:
-                pending = self._feed(writers, pending)
+                pending = feed_stdin(self, writers, pending)
         self.wait()
-        stdout = b"".join(out[self.stdout.fileno()]) if self.stdout is not None else b""
-        stderr = b"".join(out[self.stderr.fileno()]) if self.stderr is not None else b""
-        if self.pty_fd is not None:
-            stdout = b"".join(out[self.pty_fd])
-        return stdout, stderr
-
-    def _feed(self, writers: list[int], pending: memoryview) -> memoryview:
-        try:
-            pending = pending[os.write(writers[0], pending[:65536]) :]
-        except BrokenPipeError:
-            pending = pending[:0]
-        if not pending:
-            assert self.stdin is not None
-            self.stdin.close()
-            writers.clear()
-        return pending
+        return collected(self, out)
 
     def kill(self) -> None:
         if self._returncode is None:

@@ -110,21 +110,65 @@ class ProcessSandbox(SandboxProcess):
         )
 
 
-def communicate(proc: SandboxProcess, stdin_data: bytes | None = None) -> tuple[bytes, bytes]:
-    """Feed stdin, collect stdout/stderr until exit, enforcing the plan's deadline."""
+def output_buffers(proc: SandboxProcess) -> dict[int, list[bytes]]:
+    """One buffer per output descriptor of ``proc`` (its pipes, or its pty)."""
     out: dict[int, list[bytes]] = {}
-    readers: list[int] = []
     for stream in (proc.stdout, proc.stderr):
         if stream is not None:
             out[stream.fileno()] = []
-            readers.append(stream.fileno())
     if proc.pty_fd is not None:
         out[proc.pty_fd] = []
-        readers.append(proc.pty_fd)
-    pending = memoryview(stdin_data or b"")
+    return out
+
+
+def stdin_writers(proc: SandboxProcess, stdin_data: bytes | None) -> list[int]:
+    """The stdin descriptor to feed, if any; stdin is closed at once when there is nothing."""
     writers = [proc.stdin.fileno()] if proc.stdin is not None and stdin_data else []
     if proc.stdin is not None and not writers:
         proc.stdin.close()
+    return writers
+
+
+def read_ready(fd: int, out: dict[int, list[bytes]], readers: list[int]) -> None:
+    """Read what ``fd`` has; at EOF (or the pty's EIO) stop watching it."""
+    try:
+        chunk = os.read(fd, 65536)
+    except OSError:  # EIO: the pty's last writer closed
+        chunk = b""
+    if chunk:
+        out[fd].append(chunk)
+    else:
+        readers.remove(fd)
+
+
+def feed_stdin(proc: SandboxProcess, writers: list[int], pending: memoryview) -> memoryview:
+    """Write the next chunk of stdin; close stdin when all is written or the reader left."""
+    try:
+        pending = pending[os.write(writers[0], pending[:65536]) :]
+    except BrokenPipeError:
+        pending = pending[:0]
+    if not pending:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        writers.clear()
+    return pending
+
+
+def collected(proc: SandboxProcess, out: dict[int, list[bytes]]) -> tuple[bytes, bytes]:
+    """(stdout, stderr) from the buffers; a pty's single stream counts as stdout."""
+    stdout = b"".join(out[proc.stdout.fileno()]) if proc.stdout is not None else b""
+    stderr = b"".join(out[proc.stderr.fileno()]) if proc.stderr is not None else b""
+    if proc.pty_fd is not None:
+        stdout = b"".join(out[proc.pty_fd])
+    return stdout, stderr
+
+
+def communicate(proc: SandboxProcess, stdin_data: bytes | None = None) -> tuple[bytes, bytes]:
+    """Feed stdin, collect stdout/stderr until exit, enforcing the plan's deadline."""
+    out = output_buffers(proc)
+    readers = list(out)
+    pending = memoryview(stdin_data or b"")
+    writers = stdin_writers(proc, stdin_data)
     deadline = getattr(proc, "deadline", None)
     while readers or writers:
         wait_for = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -139,27 +183,8 @@ def communicate(proc: SandboxProcess, stdin_data: bytes | None = None) -> tuple[
                 deadline = None
             continue
         for fd in rlist:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:  # EIO: the pty's last writer closed
-                chunk = b""
-            if chunk:
-                out[fd].append(chunk)
-            else:
-                readers.remove(fd)
+            read_ready(fd, out, readers)
         if wlist:
-            try:
-                written = os.write(writers[0], pending[:65536])
-                pending = pending[written:]
-            except BrokenPipeError:
-                pending = pending[:0]
-            if not pending:
-                assert proc.stdin is not None
-                proc.stdin.close()
-                writers.clear()
+            pending = feed_stdin(proc, writers, pending)
     proc.wait()
-    stdout = b"".join(out[proc.stdout.fileno()]) if proc.stdout is not None else b""
-    stderr = b"".join(out[proc.stderr.fileno()]) if proc.stderr is not None else b""
-    if proc.pty_fd is not None:
-        stdout = b"".join(out[proc.pty_fd])
-    return stdout, stderr
+    return collected(proc, out)
