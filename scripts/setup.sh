@@ -35,10 +35,15 @@ if [ ! -x "$venv/bin/python" ]; then
   /usr/bin/python3 -m venv "$venv"
 fi
 stamp="$venv/.corral-installed"
-if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ] || ! "$venv/bin/python" -c "import corral" 2>/dev/null; then
+installed_here() {  # the editable install points at this checkout (not another clone's)
+  "$venv/bin/python" -c 'import corral, os, sys; sys.exit(os.path.dirname(corral.__file__) != sys.argv[1])' "$here/src/corral" 2>/dev/null
+}
+if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ] || ! installed_here; then
   "$venv/bin/pip" install -q --disable-pip-version-check -e "$here[net,service,microvm,test]"
   touch "$stamp"
 fi
+# The native launcher the process backend runs every sandbox through.
+"$venv/bin/python" -c 'from corral.native import build; build("gcc")'
 # Byte-compile once: `corral` starts faster, also where PYTHONDONTWRITEBYTECODE is set.
 "$venv/bin/python" -m compileall -q "$here/src" >/dev/null || true
 chmod -R a+rX "$(dirname "$venv")"

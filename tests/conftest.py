@@ -97,7 +97,10 @@ def _private_audit_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Non
 @pytest.fixture(scope="session")
 def user_src() -> Iterator[str]:
     """A world-readable copy of the package for the unprivileged user (checkouts may live in
-    a 0700 home)."""
+    a 0700 home), with the native launcher built first (the user cannot build it there)."""
+    from corral.native import launcher_path
+
+    launcher_path()
     path = tempfile.mkdtemp(prefix="corral-src-")
     shutil.copytree(os.path.join(SRC, "corral"), os.path.join(path, "corral"))
     subprocess.run(["chmod", "-R", "a+rX", path], check=True)

@@ -15,8 +15,7 @@ import pytest
 from lifecycle_support import needs_lifecycle
 
 from corral.lifecycle import gc, store
-from corral.lifecycle.launch import SUPERVISOR_NAME
-from corral.lifecycle.serve import INIT_NAME
+from corral.lifecycle.launch import INIT_NAME, SUPERVISOR_NAME
 
 pytestmark = [needs_lifecycle]
 LIFECYCLES = int(os.environ.get("CORRAL_FAULT_LIFECYCLES", "30"))

@@ -17,7 +17,6 @@ from corral.errors import CorralError, ErrorCode
 from corral.lifecycle import store
 from corral.lifecycle.client import start_exec
 from corral.lifecycle.launch import SUPERVISOR_NAME, kill_supervisor
-from corral.lifecycle.serve import serve
 
 ROOT = [
     MountStep("bind", "/usr"),
@@ -36,7 +35,7 @@ def _start(control: str) -> int:
     spec = ChildSpec(
         command=("true",), env={}, cwd="/", mount_steps=list(ROOT),
         unprivileged=os.geteuid() != 0, uid=os.getuid(), gid=os.getgid(),
-        control_fd=listener.fileno(), serve=serve, detach=True, process_name=SUPERVISOR_NAME,
+        control_fd=listener.fileno(), detach=True, process_name=SUPERVISOR_NAME,
     )  # fmt: skip
     launched = fork_sandbox(spec)
     listener.close()
@@ -165,19 +164,23 @@ def test_callers_hanging_up_at_any_moment_do_not_kill_init(sandbox: str) -> None
 @pytest.mark.timeout(30)
 def test_malformed_requests_are_refused_and_init_survives(sandbox: str) -> None:
     from corral.lifecycle import protocol
+    from corral.native.records import record
 
     null = os.open(os.devnull, os.O_RDWR)
+    good = record("A", "/bin/true") + record("C", "/")
     try:
-        for bad in ({"op": "exec"}, {"op": "exec", "command": 5, "env": {}, "cwd": "/"},
-                    {"op": "exec", "command": ["/bin/true"], "env": {"A": 1}, "cwd": "/"}):  # fmt: skip
+        for bad in (record("C", "/"), record("A", "/bin/true"), good + record("?", "x"),
+                    good + b"A\xff\xff\x00\x00", good[:3]):  # fmt: skip
             with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
                 conn.connect(sandbox)
                 protocol.send(conn, bad, [null, null, null])
                 reply, _ = protocol.receive(conn)
                 assert reply is not None and reply["event"] == "error", reply
-            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
-                conn.connect(sandbox)
-                conn.send(b"\xff not json")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
+            conn.connect(sandbox)
+            protocol.send(conn, good, [null])  # stdio missing
+            reply, _ = protocol.receive(conn)
+            assert reply is not None and reply["event"] == "error", reply
     finally:
         os.close(null)
     assert run(sandbox, "echo alive")[2] == "alive\n"

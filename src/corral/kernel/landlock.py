@@ -28,6 +28,7 @@ if landlock_syscall._libc is None:
     landlock_syscall._libc = ctypes.CDLL(None, use_errno=True)
 
 _SYS_LANDLOCK_RESTRICT_SELF = 446
+_RESTRICT_SELF_LOG_NEW_EXEC_ON = 2
 
 # Rights that make sense on a regular file; the kernel refuses directory rights on a file rule.
 _FILE_RIGHTS = (
@@ -159,7 +160,61 @@ def prepare(
     return PreparedLandlock(enforced, ruleset, libc.syscall)
 
 
-def _add_rule(ruleset: landlockpy.Ruleset, rule: PathRule, handled: AccessFS) -> None:
+@dataclass(frozen=True)
+class RulesetPlan:
+    """A ruleset as numbers, for a launcher that builds it itself (the native one): the
+    handled rights, the rights of each path rule, the rights a non-directory rule keeps, and
+    the ``landlock_restrict_self`` flags."""
+
+    handled_fs: int
+    handled_net: int
+    scoped: int
+    file_rights: int
+    restrict_flags: int
+    rules: tuple[tuple[int, str], ...]
+    enforced: dict[str, list[str]]
+
+
+def plan_ruleset(
+    rules: Sequence[PathRule],
+    *,
+    scope_signals: bool = True,
+    scope_abstract_unix: bool = True,
+    log_denials: bool = False,
+) -> RulesetPlan:
+    """What :func:`prepare` would build, without opening anything (the paths are opened inside
+    the sandbox's own view). ``log_denials`` (ABI 7) asks the kernel to write an audit record
+    for every denial of the workload, which runs after an exec."""
+    abi = host_abi()
+    if abi < 1:
+        raise BackendUnavailableError(
+            "Landlock is unavailable on this host",
+            remediation=_REMEDIATION,
+            details={"mechanism": "landlock", "host_abi": abi},
+        )
+    handled_fs = landlockpy.fs_for_abi(abi)
+    scoped = Scope.NONE
+    if abi >= 6:
+        if scope_signals:
+            scoped |= Scope.SIGNAL
+        if scope_abstract_unix:
+            scoped |= Scope.ABSTRACT_UNIX_SOCKET
+    planned = []
+    for rule in rules:
+        planned.append((int(_rule_rights(rule, handled_fs)), rule.path))
+    enforced = {
+        "abi": [str(abi)],
+        "fs": _names(handled_fs),
+        "net": [],
+        "scopes": _names(scoped),
+    }
+    flags = _RESTRICT_SELF_LOG_NEW_EXEC_ON if log_denials and abi >= 7 else 0
+    return RulesetPlan(
+        int(handled_fs), 0, int(scoped), int(_FILE_RIGHTS), flags, tuple(planned), enforced
+    )
+
+
+def _rule_rights(rule: PathRule, handled: AccessFS) -> AccessFS:
     if rule.access not in ("list", "read", "write"):
         raise CorralError(
             f"Landlock rule for {rule.path!r} has access {rule.access!r}; "
@@ -167,10 +222,15 @@ def _add_rule(ruleset: landlockpy.Ruleset, rule: PathRule, handled: AccessFS) ->
             code=ErrorCode.POLICY_VALIDATION,
         )
     rights = {"list": AccessFS.READ_DIR, "read": _READ_RIGHTS}.get(rule.access, handled)
+    return rights & handled
+
+
+def _add_rule(ruleset: landlockpy.Ruleset, rule: PathRule, handled: AccessFS) -> None:
+    rights = _rule_rights(rule, handled)
     try:
         if not stat.S_ISDIR(os.stat(rule.path).st_mode):
             rights &= _FILE_RIGHTS
-        ruleset.allow_path(rule.path, rights & handled)
+        ruleset.allow_path(rule.path, rights)
     except (OSError, ValueError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise CorralError(

@@ -23,6 +23,7 @@ from corral.backends.process.handle import (
 )
 from corral.errors import CorralError, ErrorCode
 from corral.lifecycle import protocol
+from corral.native import records
 
 KILLED_WITH_SANDBOX = 137  # the sandbox stopped under the workload: as if SIGKILLed
 DRAIN_S = 0.05
@@ -104,7 +105,7 @@ class RemoteProcess(SandboxProcess):
     def kill(self) -> None:
         if self._returncode is None:
             with contextlib.suppress(OSError):
-                protocol.send(self._conn, {"op": "kill"})
+                protocol.send(self._conn, records.KILL)
 
     def resize(self, rows: int, columns: int) -> None:
         if self.pty_fd is None:
@@ -158,8 +159,9 @@ def start_exec(
                 mine, other = (w, r) if index == 0 else (r, w)
                 theirs.append(other)
                 streams[index] = os.fdopen(mine, "wb" if index == 0 else "rb", buffering=0)
-        request: dict[str, object] = {"op": "exec", "command": list(command), "env": env}
-        request |= {"cwd": cwd, "timeoutMs": timeout_ms, "pty": pty is not None}
+        request = records.exec_request(
+            list(command), env, cwd, timeout_ms=timeout_ms, pty=pty is not None
+        )
         protocol.send(conn, request, theirs)
         for fd in theirs:
             os.close(fd)

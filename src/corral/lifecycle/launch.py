@@ -15,15 +15,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from corral.backends.process.launcher import ChildSpec, Launched, fork_sandbox, read_launch_error
+from corral.backends.process.launcher import (
+    ChildSpec,
+    Launched,
+    fork_sandbox,
+    network_overrides,
+    read_launch_error,
+)
 from corral.contract.model import ProcessSpec, Request
 from corral.errors import CorralError, ErrorCode
 from corral.lifecycle import store
-from corral.lifecycle.serve import serve
 from corral.plan import Plan
 from corral.policy.environment import build_environment, choose_cwd
 
 SUPERVISOR_NAME = "corral-sup"
+INIT_NAME = "corral-init"  # the sandbox's PID 1 (set by the native launcher)
 EXIT_GRACE_S = 2.0
 NETWORK_DIR = "net"  # slirp4netns's API socket and log, inside the sandbox's directory
 # Provision carries no process; the sandbox is planned around this placeholder.
@@ -113,7 +119,6 @@ def start_supervisor(
             cgroup,
             wait_for_network=networked,
             control_fd=listener.fileno(),
-            serve=serve,
             detach=True,
             process_name=SUPERVISOR_NAME,
             keep_fds=(exit_w,) if networked else (),
@@ -183,7 +188,7 @@ def _attach_network(plan: Plan, launched: Launched, exit_r: int, workdir: str) -
         shutil.rmtree(workdir, ignore_errors=True)  # a previous start's
         net.attach_detached(plan.network, pid=launched.pid, exit_fd=exit_r, workdir=workdir)
         # exec requests carry their own environment
-        os.write(launched.sync_w, b'{"env": {}, "binds": []}')
+        os.write(launched.sync_w, network_overrides({}, []))
     except BaseException:
         kill_supervisor(launched.pid)
         os.close(launched.error_r)

@@ -1,11 +1,12 @@
-"""The control-socket protocol between callers and a sandbox's init.
+"""The control-socket protocol between callers and a sandbox's init (the native launcher's
+serve loop, corral/native/launch.c).
 
-An AF_UNIX SOCK_SEQPACKET socket: every message is one JSON object in one packet, and may carry
-file descriptors (SCM_RIGHTS). Caller -> init: ``{"op": "exec", "command", "env", "cwd",
-"timeoutMs"}`` with the workload's stdin/stdout/stderr (or one pty slave) attached, then
-optionally ``{"op": "kill"}``. Init -> caller: ``{"event": "started", "pid"}`` or
-``{"event": "error", "message"}``, then ``{"event": "exit", "code", "timedOut"}``. Closing the
-connection kills the workload.
+An AF_UNIX SOCK_SEQPACKET socket: every message is one packet, and may carry file descriptors
+(SCM_RIGHTS). Caller -> init: an exec request as records (corral.native.records.exec_request:
+command, env, cwd, timeout, pty) with the workload's stdin/stdout/stderr (or one pty slave)
+attached, then optionally the kill record. Init -> caller, one JSON object per packet:
+``{"event": "started", "pid"}`` or ``{"event": "error", "message"}``, then
+``{"event": "exit", "code", "timedOut"}``. Closing the connection kills the workload.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ MAX_MESSAGE = 256 * 1024
 MAX_FDS = 3
 
 
-def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
-    data = json.dumps(message).encode()
+def send(sock: socket.socket, data: bytes, fds: list[int] | None = None) -> None:
     # MSG_NOSIGNAL: the sandbox's init runs with SIGPIPE at its default (so its workloads do);
     # a caller that hung up must give EPIPE there, not kill the init.
     ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []

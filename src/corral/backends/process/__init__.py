@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import secrets
 from collections.abc import Callable, Sequence
@@ -13,7 +12,12 @@ from typing import IO, Any
 
 from corral.backends.base import BackendInfo, LaunchOptions, SandboxProcess
 from corral.backends.process.handle import ProcessSandbox
-from corral.backends.process.launcher import ChildSpec, fork_sandbox, read_launch_error
+from corral.backends.process.launcher import (
+    ChildSpec,
+    fork_sandbox,
+    network_overrides,
+    read_launch_error,
+)
 from corral.backends.process.rootfs import PRIVATE_TMP, plan_mounts
 from corral.errors import BackendUnavailableError, CorralError, ErrorCode
 from corral.kernel import namespaces
@@ -115,7 +119,7 @@ def _seccomp_available() -> bool:
 def child_spec(plan: Plan, cgroup: Any, **overrides: Any) -> ChildSpec:
     """Everything the sandbox's children need for ``plan``, prepared in the caller (shared by
     one-shot launches and long-lived sandboxes)."""
-    from corral.kernel import landlock, privileges
+    from corral.kernel import privileges
 
     for entry in plan.filesystem.entries:
         if entry.origin == "protected-placeholder":
@@ -131,7 +135,6 @@ def child_spec(plan: Plan, cgroup: Any, **overrides: Any) -> ChildSpec:
         cgroup_procs=cgroup.procs_files() if cgroup else [],
         wait_for_network=plan.network.mode != "none",
         landlock_rules=_landlock_rules(plan),
-        landlock_prepare=landlock.prepare,
         privileges=privileges.prepare_privilege_drop(),
         seccomp=_seccomp_filter(),
     )
@@ -220,7 +223,7 @@ def _attach_network(plan: Plan, launched: Any, cleanups: list[Any], options: Lau
             # TLS interception: the sandbox trusts its own CA (and the system's), nothing else.
             binds.append((attachment.ca_bundle_path, SYSTEM_CA_BUNDLE))
             env.update(dict.fromkeys(CA_BUNDLE_VARIABLES, SYSTEM_CA_BUNDLE))
-        os.write(launched.sync_w, json.dumps({"env": env, "binds": binds}).encode())
+        os.write(launched.sync_w, network_overrides(env, binds))
     except ImportError as exc:
         raise BackendUnavailableError(f"network policy needs corral.net: {exc}") from exc
     finally:

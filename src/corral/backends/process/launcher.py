@@ -1,5 +1,9 @@
 """Fork choreography of one process sandbox.
 
+The native launcher (``corral/native/launch.c``) performs it for every sandbox; the Python
+version below remains for sandboxes whose init must run Python of Corral's (learning mode's
+``landlock_prepare`` hook builds its overlay view there). Both follow the same steps:
+
     caller ──fork──► outer (C1) ──fork──► init (C2, PID 1) ──fork──► workload (C3) ─exec─► sh -c
                      joins cgroup,        builds the root,          setsid, stdio, cwd,
                      unshares namespaces, reaps orphans,            rlimits, caps, Landlock,
@@ -7,7 +11,7 @@
                      lifeline to caller   workload's status
 
 Everything that loads libraries or allocates much (seccomp BPF, capability tables, the mount
-steps) is prepared in the caller before forking. Setup failures in any child travel back
+steps, Landlock's masks) is prepared in the caller before forking. Setup failures in any child travel back
 over a close-on-exec pipe: EOF without data means the workload exec'd.
 """
 
@@ -15,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
-import json
 import os
 import resource
 import select
@@ -51,16 +54,21 @@ class ChildSpec:
     cgroup_procs: list[str] = field(default_factory=list)
     wait_for_network: bool = False
     landlock_rules: list[Any] = field(default_factory=list)  # kernel.landlock.PathRule
+    # Python run in init with the root built, returning the prepared Landlock ruleset (or
+    # None); setting it selects the Python launcher (learning mode).
     landlock_prepare: Callable[..., Any] | None = None
+    # Landlock audit records for the workload's denials (kernel.landlock.plan_ruleset).
+    log_denials: bool = False
     privileges: Any = None  # kernel.privileges.PreparedPrivileges
     seccomp: Any = None  # kernel.seccomp.PreparedSeccomp
     rlimits: dict[int, tuple[int, int]] = field(default_factory=dict)
     pty_slave: int | None = None
     stdio: tuple[int | None, int | None, int | None] = (None, None, None)
     run_as: tuple[int, int] | None = None  # (uid, gid) of a distinct agent identity (root only)
-    # Long-lived sandboxes: instead of one workload, init serves exec requests on this socket.
+    new_session_keyring: bool = False  # the workload's own kernel session keyring
+    # Long-lived sandboxes: instead of one workload, init serves exec requests on this socket
+    # (native launcher only; the protocol is corral.lifecycle.protocol's).
     control_fd: int | None = None
-    serve: Callable[[ChildSpec, Any], int] | None = None
     # Detached supervisor: survives the caller (own session, no lifeline, stdio on /dev/null)
     # and carries a recognisable name (/proc/PID/comm) so `corral gc` can find it.
     detach: bool = False
@@ -80,6 +88,132 @@ class Launched:
 
 
 def fork_sandbox(spec: ChildSpec) -> Launched:
+    if spec.landlock_prepare is None:
+        return _spawn_native(spec)
+    if spec.control_fd is not None or spec.new_session_keyring:
+        raise ValueError("long-lived and session sandboxes run through the native launcher")
+    return _fork_python(spec)
+
+
+def _spawn_native(spec: ChildSpec) -> Launched:
+    from corral.native import launcher_path
+
+    path = launcher_path()
+    pipes = _Pipes.open(spec.wait_for_network)
+    spec_fd = os.memfd_create("corral-launch-spec", os.MFD_CLOEXEC)
+    try:
+        os.write(spec_fd, encode_spec(spec, pipes))
+        os.lseek(spec_fd, 0, os.SEEK_SET)
+        passed = [spec_fd, pipes.error_w, pipes.lifeline_r, pipes.ready_w, pipes.sync_r,
+                  *spec.stdio, spec.pty_slave, spec.control_fd, *spec.keep_fds]  # fmt: skip
+        # dup2 onto itself clears close-on-exec: exactly these descriptors reach the launcher.
+        actions = [(os.POSIX_SPAWN_DUP2, fd, fd) for fd in passed if fd is not None and fd > 2]
+        pid = os.posix_spawn(
+            path, [path, str(spec_fd), str(pipes.error_w)], {}, file_actions=actions
+        )
+    except BaseException:
+        pipes.close_all()
+        raise
+    finally:
+        os.close(spec_fd)
+    return pipes.handed_over(pid)
+
+
+@dataclass
+class _Pipes:
+    error_r: int
+    error_w: int
+    lifeline_r: int
+    lifeline_w: int
+    ready_r: int | None = None
+    ready_w: int | None = None
+    sync_r: int | None = None
+    sync_w: int | None = None
+
+    @classmethod
+    def open(cls, network: bool) -> _Pipes:
+        pipes = cls(*os.pipe2(os.O_CLOEXEC), *os.pipe2(os.O_CLOEXEC))
+        if network:
+            pipes.ready_r, pipes.ready_w = os.pipe2(os.O_CLOEXEC)
+            pipes.sync_r, pipes.sync_w = os.pipe2(os.O_CLOEXEC)
+        return pipes
+
+    def handed_over(self, pid: int) -> Launched:
+        """Close the child's ends in the caller."""
+        for fd in (self.error_w, self.lifeline_r, self.ready_w, self.sync_r):
+            if fd is not None:
+                os.close(fd)
+        return Launched(pid, self.sync_w, self.ready_r, self.error_r, self.lifeline_w)
+
+    def close_all(self) -> None:
+        for fd in vars(self).values():
+            if fd is not None:
+                os.close(fd)
+
+
+_MOUNT_KINDS = {"bind": "b", "copy": "c", "deny": "d", "tmpfs": "t", "symlink": "s"}
+
+
+def encode_spec(spec: ChildSpec, pipes: _Pipes) -> bytes:
+    """``spec`` as the native launcher's record stream (see corral/native/records.py)."""
+    from corral.kernel.landlock import plan_ruleset
+    from corral.native.records import record
+
+    out = [record("A", arg) for arg in spec.command]
+    out += [record("E", f"{key}={value}") for key, value in spec.env.items()]
+    out.append(record("C", spec.cwd))
+    out.append(record("H", SANDBOX_HOSTNAME))
+    for step in spec.mount_steps:
+        flags = ("r" if step.readonly else "") + ("d" if step.is_dir else "")
+        extra = step.target if step.kind == "symlink" else step.source
+        out.append(record("M", _MOUNT_KINDS[step.kind], flags, step.path, extra))
+    if spec.unprivileged:
+        out.append(record("U", spec.uid, spec.gid))
+    out += [record("G", path) for path in spec.cgroup_procs]
+    if pipes.ready_w is not None:
+        out.append(record("N", pipes.ready_w, pipes.sync_r or -1))
+    if spec.landlock_rules:
+        ruleset = plan_ruleset(spec.landlock_rules, log_denials=spec.log_denials)
+        out.append(record("F", ruleset.handled_fs, ruleset.handled_net, ruleset.scoped,
+                          ruleset.file_rights, ruleset.restrict_flags))  # fmt: skip
+        out += [record("R", rights, path) for rights, path in ruleset.rules]
+    if spec.seccomp is not None:
+        out.append(record("S", bytes(spec.seccomp.instructions)))
+    if spec.privileges is not None:
+        if spec.privileges.keep_caps:
+            raise ValueError("the native launcher drops every capability")
+        last_cap = max(spec.privileges.bounding_drops, default=0)
+        out.append(record("P", spec.privileges.securebits, last_cap))
+    out += [record("L", rid, soft, hard) for rid, (soft, hard) in spec.rlimits.items()]
+    if spec.pty_slave is not None:
+        out.append(record("T", spec.pty_slave))
+    out.append(record("I", *(-1 if fd is None else fd for fd in spec.stdio)))
+    if spec.run_as is not None:
+        out.append(record("W", *spec.run_as))
+    if spec.new_session_keyring:
+        out.append(record("K"))
+    if spec.control_fd is not None:
+        out.append(record("O", spec.control_fd))
+    if spec.detach:
+        out.append(record("D", spec.process_name or ""))
+    out += [record("X", fd) for fd in spec.keep_fds]
+    out.append(record("l", pipes.lifeline_r))
+    return b"".join(out)
+
+
+def network_overrides(env: dict[str, str], binds: Sequence[tuple[str, str]]) -> bytes:
+    """The caller's message once the sandbox's network is wired: environment additions (the
+    proxy) and files bound over sandbox paths (the CA bundle). Never empty: an empty message
+    means the caller gave up."""
+    from corral.native.records import record
+
+    out = [record("n")]
+    out += [record("E", f"{key}={value}") for key, value in env.items()]
+    out += [record("B", source, target) for source, target in binds]
+    return b"".join(out)
+
+
+def _fork_python(spec: ChildSpec) -> Launched:
     error_r, error_w = os.pipe2(os.O_CLOEXEC)
     lifeline_r, lifeline_w = os.pipe2(os.O_CLOEXEC)
     ready_r = ready_w = sync_r = sync_w = None
@@ -158,12 +292,15 @@ def _outer(
         os.close(sync_r)
         if not overrides:
             return 125  # the caller gave up (network set-up failed and was reported there)
-        message = json.loads(overrides)
-        spec.env.update(message["env"])
-        spec.mount_steps.extend(
-            MountStep("bind", target, is_dir=False, source=source)
-            for source, target in message["binds"]
-        )
+        from corral.native.records import decode
+
+        for tag, fields in decode(overrides):
+            if tag == "E":
+                key, _, value = fields[0].partition("=")
+                spec.env[key] = value
+            elif tag == "B":
+                source, target = fields
+                spec.mount_steps.append(MountStep("bind", target, is_dir=False, source=source))
     alive_r, alive_w = os.pipe2(os.O_CLOEXEC)
     init_pid = os.fork()
     if init_pid == 0:
@@ -208,12 +345,9 @@ def _init(spec: ChildSpec, error_w: int, alive_r: int) -> int:
     _scrub_cmdline(b"corral-init")
     build_root(spec.mount_steps)
     landlock = spec.landlock_prepare(spec.landlock_rules) if spec.landlock_prepare else None
-    if spec.serve is not None:
-        os.close(error_w)  # the sandbox is up: the caller stops waiting here
-        return spec.serve(spec, landlock)
     workload = os.fork()
     if workload == 0:
-        _child_guard(error_w, lambda: exec_workload(spec, landlock, error_w))
+        _child_guard(error_w, lambda: _exec_workload(spec, landlock, error_w))
     os.close(error_w)
     if landlock is not None:
         landlock.close()
@@ -230,7 +364,7 @@ def _init(spec: ChildSpec, error_w: int, alive_r: int) -> int:
             return _exit_code(status)
 
 
-def exec_workload(spec: ChildSpec, landlock: Any, error_w: int) -> int:
+def _exec_workload(spec: ChildSpec, landlock: Any, error_w: int) -> int:
     """In a fresh child of the sandbox's init: become the workload and exec it."""
     os.setsid()  # no controlling terminal of the caller: no TIOCSTI into the human's tty
     if spec.pty_slave is not None:

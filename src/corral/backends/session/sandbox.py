@@ -17,7 +17,6 @@ from corral.backends.process.launcher import ChildSpec
 from corral.backends.process.rootfs import MountStep
 from corral.backends.session import acl
 from corral.backends.session.identity import AgentIdentity, record_grant
-from corral.backends.session.keyring import OwnSessionKeyring
 from corral.errors import BackendUnavailableError, PolicyError
 from corral.plan import Plan
 from corral.policy.filesystem import FilesystemPolicy, PathEntry, is_within
@@ -49,7 +48,7 @@ class SessionSetup:
     def adjust(self, spec: ChildSpec) -> None:
         """Make the launcher's workload the agent identity, in its own keyring session."""
         spec.run_as = (self.identity.uid, self.identity.gid)
-        spec.privileges = OwnSessionKeyring(spec.privileges)
+        spec.new_session_keyring = True
         if self.display is not None:
             spec.mount_steps.append(
                 MountStep("symlink", X11_SOCKET_DIR, target=self.display.address.socket_dir)
