@@ -57,7 +57,7 @@ class ChildSpec:
     # Python run in init with the root built, returning the prepared Landlock ruleset (or
     # None); setting it selects the Python launcher (learning mode).
     landlock_prepare: Callable[..., Any] | None = None
-    # Landlock audit records for the workload's denials (kernel.landlock.plan_ruleset).
+    # Kernel audit records for the workload's Landlock and seccomp denials (native launcher).
     log_denials: bool = False
     privileges: Any = None  # kernel.privileges.PreparedPrivileges
     seccomp: Any = None  # kernel.seccomp.PreparedSeccomp
@@ -151,6 +151,7 @@ class _Pipes:
                 os.close(fd)
 
 
+_SECCOMP_FILTER_FLAG_LOG = 2
 _MOUNT_KINDS = {"bind": "b", "copy": "c", "deny": "d", "tmpfs": "t", "symlink": "s"}
 
 
@@ -179,6 +180,8 @@ def encode_spec(spec: ChildSpec, pipes: _Pipes) -> bytes:
         out += [record("R", rights, path) for rights, path in ruleset.rules]
     if spec.seccomp is not None:
         out.append(record("S", bytes(spec.seccomp.instructions)))
+        if spec.log_denials:  # audit records for the filter's refusals, too
+            out.append(record("s", _SECCOMP_FILTER_FLAG_LOG))
     if spec.privileges is not None:
         if spec.privileges.keep_caps:
             raise ValueError("the native launcher drops every capability")
