@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import platform
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import IO, TYPE_CHECKING, Any, Literal, overload
@@ -272,7 +272,7 @@ def get_platform_support() -> dict[str, Any]:
     backends = available_backends()
     return {
         "platform": "linux",
-        "kernel": platform.release(),
+        "kernel": os.uname().release,
         "supported": any(b.available for b in backends),
         "containments": sorted({c for b in backends if b.available for c in b.containments}),
         "backends": [b.to_dict() for b in backends],

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import secrets
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
@@ -150,16 +149,16 @@ def launch(
 ) -> SandboxProcess:
     """Launch ``plan``. Backends built on this one (``session``) pass ``adjust`` to edit the
     child's spec before the fork and ``extra_cleanups``, run after this backend's own."""
-    from corral.kernel import cgroups
-
     cleanups: list[Any] = list(extra_cleanups)
-    sandbox_id = secrets.token_hex(6)
+    sandbox_id = os.urandom(6).hex()
     child_fds: list[int] = []
     try:
         parent_streams, child_stdio, pty_master, pty_slave = _open_stdio(options, child_fds)
         cgroup = None
         res = plan.resources
         if res.memory_mb or res.pids or res.cpu_percent:
+            from corral.kernel import cgroups
+
             cgroup = cgroups.create(
                 f"sandbox-{sandbox_id}",
                 memory_mb=res.memory_mb,
