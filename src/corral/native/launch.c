@@ -623,58 +623,75 @@ static void hang_up(struct conn *conns, int *n, int i) {
     conns[i] = conns[--*n];
 }
 
+/* One exec request: records as in the launch spec (argv, env, cwd, timeout, pty). */
+struct exec_request {
+    char *strings; /* every field, NUL-terminated, in one block freed after the fork */
+    int pty;
+    long long timeout;
+};
+
+static const char *parse_exec(struct spec *s, struct exec_request *r, const char *data,
+                              size_t size) {
+    r->strings = malloc(size + 1);
+    if (!r->strings) return "out of memory";
+    char *out = r->strings;
+    s->argc = s->envc = 0;
+    s->cwd = NULL;
+    for (size_t at = 0; at < size;) {
+        uint32_t len;
+        if (size - at < 5) return "malformed exec request: truncated record";
+        char tag = data[at];
+        memcpy(&len, data + at + 1, 4);
+        if (size - at - 5 < len) return "malformed exec request: truncated record";
+        memcpy(out, data + at + 5, len);
+        out[len] = 0;
+        at += 5 + len;
+        if (tag == 'A' && s->argc < MAX_ITEMS) s->argv[s->argc++] = out;
+        else if (tag == 'E' && s->envc < MAX_ITEMS) s->env[s->envc++] = out;
+        else if (tag == 'C') s->cwd = out;
+        else if (tag == 't') r->timeout = atoll(out);
+        else if (tag == 'p') r->pty = 1;
+        else return "malformed exec request: unknown record";
+        out += len + 1;
+    }
+    if (s->argc == 0 || !s->cwd) return "malformed exec request: no command or cwd";
+    return NULL;
+}
+
 static void start_exec(struct spec *base, int landlock, struct conn *c, char *data, size_t size,
                        int *fds, int nfds, int listener, int sigfd) {
-    struct spec s = *base;
-    s.argc = 0;
-    s.envc = 0;
-    s.cwd = NULL;
-    int pty = 0;
-    long long timeout = 0;
-    struct cursor cur = {data, size, 0};
-    char tag;
-    char *p;
-    uint32_t len;
+    static struct spec s; /* large: not on the stack */
+    s = *base;
+    struct exec_request r = {NULL, 0, 0};
     /* A malformed request is answered, never fatal: init must outlive its callers. */
-    while (cur.at < cur.size) {
-        if (cur.size - cur.at < 5) { reply_error(c, "malformed exec request"); return; }
-        tag = cur.data[cur.at];
-        memcpy(&len, cur.data + cur.at + 1, 4);
-        if (cur.size - cur.at - 5 < len) { reply_error(c, "malformed exec request"); return; }
-        p = malloc(len + 1);
-        memcpy(p, cur.data + cur.at + 5, len);
-        p[len] = 0;
-        cur.at += 5 + len;
-        if (tag == 'A' && s.argc < MAX_ITEMS) s.argv[s.argc++] = p;
-        else if (tag == 'E' && s.envc < MAX_ITEMS) s.env[s.envc++] = p;
-        else if (tag == 'C') s.cwd = p;
-        else if (tag == 't') timeout = atoll(p);
-        else if (tag == 'p') pty = 1;
-        else { reply_error(c, "malformed exec request: unknown field"); return; }
+    const char *problem = parse_exec(&s, &r, data, size);
+    if (!problem && nfds != (r.pty ? 1 : 3)) problem = "exec needs 3 stdio fds or 1 pty";
+    if (problem) {
+        reply_error(c, problem);
+        free(r.strings);
+        return;
     }
-    if (s.argc == 0 || !s.cwd) { reply_error(c, "malformed exec request: no command or cwd"); return; }
-    if (nfds != (pty ? 1 : 3)) { reply_error(c, "exec needs 3 stdio fds or 1 pty"); return; }
-    if (pty) {
+    if (r.pty) {
         s.pty_slave = fds[0];
     } else {
         s.pty_slave = -1;
         for (int i = 0; i < 3; i++) s.stdio[i] = fds[i];
     }
-    int pipefd[2];
-    if (pipe2(pipefd, O_CLOEXEC) < 0) { reply_error(c, strerror(errno)); return; }
-    pid_t pid = fork();
-    if (pid < 0) {
-        close(pipefd[0]);
-        close(pipefd[1]);
-        reply_error(c, strerror(errno));
-        return;
-    }
-    if (pid == 0) {
+    int pipefd[2] = {-1, -1};
+    pid_t pid = -1;
+    if (pipe2(pipefd, O_CLOEXEC) == 0 && (pid = fork()) == 0) {
         close(pipefd[0]);
         close(listener);
         close(sigfd);
         error_fd = pipefd[1];
         exec_workload(&s, landlock, pipefd[1]);
+    }
+    free(r.strings);
+    if (pid < 0) {
+        reply_error(c, strerror(errno));
+        for (int i = 0; i < 2; i++)
+            if (pipefd[i] >= 0) close(pipefd[i]);
+        return;
     }
     close(pipefd[1]);
     char message[4096];
@@ -687,7 +704,7 @@ static void start_exec(struct spec *base, int landlock, struct conn *c, char *da
         return;
     }
     c->pid = pid;
-    c->deadline_ms = timeout > 0 ? now_ms() + timeout : 0;
+    c->deadline_ms = r.timeout > 0 ? now_ms() + r.timeout : 0;
     c->timed_out = 0;
     char out[64];
     snprintf(out, sizeof out, "{\"event\": \"started\", \"pid\": %d}", pid);
