@@ -128,12 +128,7 @@ def prepare(
         )
     handled_fs = landlockpy.fs_for_abi(abi)
     handled_net = (AccessNet.BIND_TCP | AccessNet.CONNECT_TCP) if deny_tcp else AccessNet.NONE
-    scoped = Scope.NONE
-    if abi >= 6:
-        if scope_signals:
-            scoped |= Scope.SIGNAL
-        if scope_abstract_unix:
-            scoped |= Scope.ABSTRACT_UNIX_SOCKET
+    scoped = _scopes(abi, scope_signals, scope_abstract_unix)
     try:
         ruleset = landlockpy.Ruleset(
             handled_fs=handled_fs, handled_net=handled_net, scoped=scoped, best_effort=False
@@ -193,12 +188,7 @@ def plan_ruleset(
             details={"mechanism": "landlock", "host_abi": abi},
         )
     handled_fs = landlockpy.fs_for_abi(abi)
-    scoped = Scope.NONE
-    if abi >= 6:
-        if scope_signals:
-            scoped |= Scope.SIGNAL
-        if scope_abstract_unix:
-            scoped |= Scope.ABSTRACT_UNIX_SOCKET
+    scoped = _scopes(abi, scope_signals, scope_abstract_unix)
     planned = []
     for rule in rules:
         planned.append((int(_rule_rights(rule, handled_fs)), rule.path))
@@ -212,6 +202,17 @@ def plan_ruleset(
     return RulesetPlan(
         int(handled_fs), 0, int(scoped), int(_FILE_RIGHTS), flags, tuple(planned), enforced
     )
+
+
+def _scopes(abi: int, signals: bool, abstract_unix: bool) -> Scope:
+    """IPC scopes (ABI 6+): signals and abstract unix sockets stay inside the sandbox."""
+    scoped = Scope.NONE
+    if abi >= 6:
+        if signals:
+            scoped |= Scope.SIGNAL
+        if abstract_unix:
+            scoped |= Scope.ABSTRACT_UNIX_SOCKET
+    return scoped
 
 
 def _rule_rights(rule: PathRule, handled: AccessFS) -> AccessFS:

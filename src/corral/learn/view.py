@@ -32,22 +32,20 @@ _NEVER_ABSORBED = ("/proc", "/dev", "/sys")  # the sandbox's own, or host state 
 def prepare_child(spec: ChildSpec, channel: socket.socket, listener: PreparedListener) -> None:
     """Edit the backend's child spec (its ``adjust`` hook) so PID 1 builds the learning view
     and hands the observer's listener to the caller over ``channel``."""
-    original = spec.landlock_prepare
+    from corral.kernel import landlock
+
+    original = spec.landlock_prepare or landlock.prepare  # the process backend's own ruleset
     spec.keep_fds = (*spec.keep_fds, channel.fileno())  # kept by the sandbox, not its workload
 
     def prepare(rules: list[Any]) -> Any:
         absorbed, failed = _absorb_writes(spec.unprivileged)
-        landlock = None
-        if original is not None:
-            from corral.kernel.landlock import PathRule
-
-            landlock = original([*rules, *(PathRule(p, "write") for p in absorbed)])
+        ruleset = original([*rules, *(landlock.PathRule(p, "write") for p in absorbed)])
         fd = listener.install()
         report = json.dumps({"absorbed": len(absorbed), "failed": failed}).encode()
         channel.sendmsg([report], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
         os.close(fd)
         channel.close()
-        return landlock
+        return ruleset
 
     spec.landlock_prepare = prepare
 
