@@ -44,8 +44,11 @@ def main() -> int:
     def sdk() -> None:
         assert corral.run(REQUEST).exit_code == 0
 
+    # The console script users run (`python -m corral` adds runpy's own imports).
+    command = os.path.join(os.path.dirname(sys.executable), "corral")
+
     def cli() -> None:
-        subprocess.run([sys.executable, "-m", "corral", "exec", config], check=True)
+        subprocess.run([command, "exec", config], check=True)
 
     bwrap_cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/usr",
                  "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",

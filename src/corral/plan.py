@@ -49,6 +49,11 @@ class Clause:
     mechanisms: tuple[str, ...]
     note: str = ""
 
+    def as_dict(self) -> dict[str, Any]:
+        """For JSON (``dataclasses.asdict`` deep-copies: slow on every launch's audit)."""
+        return {"area": self.area, "subject": self.subject, "decision": self.decision,
+                "mechanisms": list(self.mechanisms), "note": self.note}  # fmt: skip
+
 
 @dataclass(frozen=True)
 class NetworkPlan:
@@ -87,7 +92,7 @@ class Plan:
             "network": {"mode": self.network.mode, "proxy": self.network.proxy_url},
             "resources": asdict(self.resources),
             "ui": asdict(self.ui),
-            "clauses": [asdict(c) for c in self.clauses],
+            "clauses": [c.as_dict() for c in self.clauses],
             "warnings": list(self.warnings),
             "mechanisms": self.mechanisms,
         }
