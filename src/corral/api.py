@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import IO, TYPE_CHECKING, Any, Literal, overload
 
 from corral.backends.base import LaunchOptions, SandboxProcess, StdioMode
@@ -15,6 +15,7 @@ from corral.errors import CorralError, ErrorCode
 from corral.plan import Plan, backend_for, build_plan
 
 if TYPE_CHECKING:
+    from corral.audit.kernel_denials import KernelDenialWatcher
     from corral.audit.recorder import Recorder
     from corral.learn.run import LearnResult
     from corral.policy.admin import AdminPolicy
@@ -131,9 +132,15 @@ def launch(plan_: Plan, options: LaunchOptions) -> SandboxProcess:
 
 
 def audited_launch(
-    request: RequestLike, options: LaunchOptions, *, experimental: bool = False, audit: bool = True
+    request: RequestLike,
+    options: LaunchOptions,
+    *,
+    experimental: bool = False,
+    audit: bool = True,
+    denials: KernelDenialWatcher | None = None,
 ) -> tuple[Plan, SandboxProcess, Recorder]:
-    """Parse, clamp, plan and launch, recording request/refusal, plan and launch events."""
+    """Parse, clamp, plan and launch, recording request/refusal, plan and launch events.
+    ``denials``, opened before, is told which sandbox to collect kernel denial records for."""
     from corral.audit.recorder import Recorder
     from corral.policy.admin import AdminPolicy
 
@@ -149,9 +156,12 @@ def audited_launch(
         recorder.emit("refusal", decision="deny", reason=exc.message, code=str(exc.code))
         raise
     recorder.emit("request", decision="allow", containment=p.containment, command=p.command[-1])
-    recorder.emit("plan", clauses=[asdict(c) for c in p.clauses], warnings=list(p.warnings))
-    proc = launch(p, replace(options, audit=recorder.network_decision))
+    recorder.emit("plan", clauses=[c.as_dict() for c in p.clauses], warnings=list(p.warnings))
+    listening = denials is not None and denials.listening
+    proc = launch(p, replace(options, audit=recorder.network_decision, log_denials=listening))
     recorder.emit("launch", pid=proc.pid, backend=p.backend)
+    if denials is not None:  # kernel denial records: corral.audit.kernel_denials
+        denials.attach(proc.pid)
     return p, proc, recorder
 
 
@@ -189,13 +199,19 @@ def run(
     in learning mode instead (see :func:`learn`)."""
     if learn:
         return _learn(request, input=input, experimental=experimental, audit=audit)
+    from corral.audit.kernel_denials import KernelDenialWatcher
+
     stdin: StdioMode = "pipe" if input else "devnull"
-    p, proc, recorder = audited_launch(
-        request, LaunchOptions(stdin=stdin), experimental=experimental, audit=audit
-    )
-    with proc:
-        out, err = communicate(proc, input)
-        code = proc.wait()
+    # Kernel denial records (Landlock, seccomp): subscribed before launch, written before exit.
+    with KernelDenialWatcher.open(enabled=audit) as denials:
+        p, proc, recorder = audited_launch(
+            request, LaunchOptions(stdin=stdin), experimental=experimental, audit=audit,
+            denials=denials,
+        )  # fmt: skip
+        with proc:
+            out, err = communicate(proc, input)
+            code = proc.wait()
+        denials.finish(recorder)
     recorder.emit("timeout" if proc.timed_out else "exit", pid=proc.pid, exitCode=code)
     return ExecutionResult(
         out.decode(errors="replace"), err.decode(errors="replace"), code, proc.timed_out, p.warnings

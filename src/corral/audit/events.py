@@ -24,6 +24,10 @@ EventType = Literal[
     "fs_denial",
     "seccomp_denial",
     "admin_clamp",
+    # Kernel denial records (corral.audit.kernel_denials): Landlock IPC scopes, and the watch
+    # itself (turned on, unavailable and why, records lost).
+    "ipc_denial",
+    "kernel_audit",
 ]
 EVENT_TYPES: frozenset[str] = frozenset(get_args(EventType))
 ActorKind = Literal["agent", "human", "unknown"]
@@ -32,7 +36,16 @@ Decision = Literal["allow", "deny"]
 
 def utc_now() -> str:
     """RFC 3339 UTC with microseconds, e.g. ``2026-11-29T04:10:29.123456Z``."""
-    return datetime.now(UTC).isoformat(timespec="microseconds")[:-6] + "Z"  # drop "+00:00"
+    return _rfc3339(datetime.now(UTC))
+
+
+def utc_time(seconds: float) -> str:
+    """``seconds`` since the epoch (a kernel record's clock) in the trail's format."""
+    return _rfc3339(datetime.fromtimestamp(seconds, UTC))
+
+
+def _rfc3339(moment: datetime) -> str:
+    return moment.isoformat(timespec="microseconds")[:-6] + "Z"  # drop "+00:00"
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,9 @@ class LaunchOptions:
     stderr: StdioMode = "pipe"
     pty: tuple[int, int] | None = None  # (rows, columns): one terminal for all three streams
     audit: Callable[[dict[str, Any]], None] | None = None  # enforcement decisions (network, ...)
+    # Ask the kernel for audit records of the workload's Landlock and seccomp denials (read by
+    # corral.audit.kernel_denials; only worth it while someone listens).
+    log_denials: bool = False
 
 
 class SandboxProcess(abc.ABC):

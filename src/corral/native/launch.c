@@ -105,6 +105,7 @@ struct spec {
     int run_as;
     unsigned run_uid, run_gid;
     int join_keyring;
+    int audit_session;
     int control_fd;
     const char *detach_name;
     int detach;
@@ -280,6 +281,7 @@ static void apply_record(struct spec *s, char tag, char *p, uint32_t len) {
     case 'I': for (int i = 0; i < 3; i++) s->stdio[i] = number(f[i]); break;
     case 'W': s->run_as = 1; s->run_uid = number(f[0]); s->run_gid = number(f[1]); break;
     case 'K': s->join_keyring = 1; break;
+    case 'a': s->audit_session = 1; break;
     case 'O': s->control_fd = number(f[0]); break;
     case 'D': s->detach = 1; s->detach_name = p; break;
     case 'X':
@@ -860,6 +862,24 @@ static int supervise(pid_t init, int lifeline_r) {
     }
 }
 
+/* Writing loginuid (CAP_AUDIT_CONTROL) starts a new audit session: every record of the
+ * sandbox's processes then carries its number, also after they exited, which is how
+ * corral.audit.kernel_denials tells them from the host's. The login uid itself is kept. Best
+ * effort: where it is immutable, records are told apart by PID namespace instead. */
+static void new_audit_session(void) {
+    char value[32] = {0};
+    int fd = open("/proc/self/loginuid", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return;
+    ssize_t n = read(fd, value, sizeof value - 1);
+    close(fd);
+    if (n <= 0 || strtoul(value, NULL, 10) == 4294967295UL)
+        snprintf(value, sizeof value, "%u", getuid());
+    fd = open("/proc/self/loginuid", O_WRONLY | O_CLOEXEC);
+    if (fd < 0) return;
+    if (write(fd, value, strlen(value)) < 0) { /* immutable: the namespace tells instead */ }
+    close(fd);
+}
+
 int main(int argc, char **argv) {
     if (argc != 3) {
         fprintf(stderr, "corral-launch is started by Corral's process backend, not by hand\n");
@@ -898,6 +918,7 @@ int main(int argc, char **argv) {
         if (null > 2) close(null);
         if (s.detach_name[0]) prctl(PR_SET_NAME, s.detach_name, 0, 0, 0);
     }
+    if (s.audit_session) new_audit_session();
     char pid[32];
     snprintf(pid, sizeof pid, "%d", getpid());
     for (int i = 0; i < s.ncgroups; i++) write_file(s.cgroup_procs[i], pid); /* before any ns */

@@ -13,6 +13,11 @@ from corral.policy.filesystem import FilesystemPolicy
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "ftp_proxy", "no_proxy")
 
 
+def proxy_environment(url: str) -> dict[str, str]:
+    """``url`` as the proxy in every spelling tools read (http, https, all; both cases)."""
+    return {spelling: url for name in PROXY_VARIABLES[:3] for spelling in (name, name.upper())}
+
+
 def build_environment(process: ProcessSpec, *, proxy_url: str | None = None) -> dict[str, str]:
     """Omitted env: the backend default; given: verbatim, or layered on the default when
     ``inheritDefaultEnv`` is set."""

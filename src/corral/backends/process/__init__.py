@@ -21,6 +21,7 @@ from corral.backends.process.rootfs import PRIVATE_TMP, plan_mounts
 from corral.errors import BackendUnavailableError, CorralError, ErrorCode
 from corral.kernel import namespaces
 from corral.plan import Plan
+from corral.policy.environment import proxy_environment
 
 NAME = "process"
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
@@ -166,7 +167,9 @@ def launch(
                 cpu_percent=res.cpu_percent,
             )
             cleanups.append(cgroup.remove)
-        spec = child_spec(plan, cgroup, pty_slave=pty_slave, stdio=child_stdio)
+        spec = child_spec(
+            plan, cgroup, pty_slave=pty_slave, stdio=child_stdio, log_denials=options.log_denials
+        )
         if adjust is not None:
             adjust(spec)
         launched = fork_sandbox(spec)
@@ -213,10 +216,8 @@ def _attach_network(plan: Plan, launched: Any, cleanups: list[Any], options: Lau
         attachment = net.attach(plan.network, pid=launched.pid, audit=options.audit)
         cleanups.append(attachment.close)
         inside = attachment.proxy_url_inside
-        env: dict[str, str] = {}
-        if inside:  # the proxy as the sandbox reaches it, in every spelling tools read
-            for name in ("http_proxy", "https_proxy", "all_proxy"):
-                env[name] = env[name.upper()] = inside
+        # The proxy as the sandbox reaches it.
+        env = proxy_environment(inside) if inside else {}
         binds: list[tuple[str, str]] = []
         if attachment.ca_bundle_path:
             # TLS interception: the sandbox trusts its own CA (and the system's), nothing else.

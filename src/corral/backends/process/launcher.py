@@ -171,6 +171,8 @@ def encode_spec(spec: ChildSpec, pipes: _Pipes) -> bytes:
         out.append(record("S", bytes(spec.seccomp.instructions)))
         if spec.log_denials:  # audit records for the filter's refusals, too
             out.append(record("s", _SECCOMP_FILTER_FLAG_LOG))
+    if spec.log_denials and os.geteuid() == 0:
+        out.append(record("a"))  # an audit session of the sandbox's own, to tell its records
     if spec.privileges is not None:
         if spec.privileges.keep_caps:
             raise ValueError("the native launcher drops every capability")
