@@ -35,7 +35,7 @@ async def run(
 ) -> ExecutionResult:
     """Run to completion; cancelling the awaiting task kills the sandbox."""
     options = LaunchOptions(stdin="pipe" if input else "devnull")
-    p, proc, recorder = await asyncio.to_thread(
+    p, proc, trail = await asyncio.to_thread(
         api.audited_launch, request, options, experimental=experimental, audit=audit
     )
     try:
@@ -45,8 +45,8 @@ async def run(
         raise
     finally:
         await asyncio.to_thread(proc.close)
-    code = proc.wait()
-    recorder.emit("timeout" if proc.timed_out else "exit", pid=proc.pid, exitCode=code)
+        code = proc.wait()
+        await asyncio.to_thread(trail.finish, proc)
     return ExecutionResult(
         out.decode(errors="replace"), err.decode(errors="replace"), code, proc.timed_out, p.warnings
     )
@@ -61,6 +61,7 @@ class AsyncProcess:
     stdout: asyncio.StreamReader | None
     stderr: asyncio.StreamReader | None
     warnings: tuple[str, ...] = ()
+    _trail: api.RunAudit | None = None  # written when the workload is seen to end
 
     @property
     def pid(self) -> int:
@@ -98,6 +99,7 @@ class AsyncProcess:
                 loop.remove_reader(exit_fd)
         code = self._sandbox.returncode
         assert code is not None
+        await self._ended()
         return code
 
     def kill(self) -> None:
@@ -106,7 +108,14 @@ class AsyncProcess:
     async def close(self) -> None:
         if self.stdin is not None:
             self.stdin.close()
-        await asyncio.to_thread(self._sandbox.close)
+        try:
+            await asyncio.to_thread(self._sandbox.close)
+        finally:
+            await self._ended()
+
+    async def _ended(self) -> None:
+        if self._trail is not None:
+            await asyncio.to_thread(self._trail.finish, self._sandbox)
 
     async def __aenter__(self) -> AsyncProcess:
         return self
@@ -118,13 +127,15 @@ class AsyncProcess:
 async def spawn(
     request: RequestLike, *, experimental: bool = False, audit: bool = True
 ) -> AsyncProcess:
-    p, proc, _ = await asyncio.to_thread(
+    p, proc, trail = await asyncio.to_thread(
         api.audited_launch, request, LaunchOptions(), experimental=experimental, audit=audit
     )
-    return await _wrap(proc, p.warnings)
+    return await _wrap(proc, p.warnings, trail)
 
 
-async def _wrap(proc: SandboxProcess, warnings: tuple[str, ...]) -> AsyncProcess:
+async def _wrap(
+    proc: SandboxProcess, warnings: tuple[str, ...], trail: api.RunAudit | None = None
+) -> AsyncProcess:
     loop = asyncio.get_running_loop()
     readers: list[asyncio.StreamReader | None] = []
     for stream in (proc.stdout, proc.stderr):
@@ -140,7 +151,7 @@ async def _wrap(proc: SandboxProcess, warnings: tuple[str, ...]) -> AsyncProcess
             asyncio.streams.FlowControlMixin, proc.stdin
         )
         writer = asyncio.StreamWriter(transport, protocol, None, loop)
-    return AsyncProcess(proc, writer, readers[0], readers[1], warnings)
+    return AsyncProcess(proc, writer, readers[0], readers[1], warnings, trail)
 
 
 def _protocol_for(reader: asyncio.StreamReader) -> Callable[[], asyncio.StreamReaderProtocol]:

@@ -46,6 +46,7 @@ class Process:
 
     _sandbox: SandboxProcess
     warnings: tuple[str, ...] = field(default=())
+    _trail: RunAudit | None = None  # written when the workload is seen to end
 
     @property
     def pid(self) -> int:
@@ -76,10 +77,15 @@ class Process:
         return self._sandbox.timed_out
 
     def wait(self, timeout: float | None = None) -> int:
-        return self._sandbox.wait(timeout)
+        code = self._sandbox.wait(timeout)
+        self._ended()
+        return code
 
     def poll(self) -> int | None:
-        return self._sandbox.poll()
+        code = self._sandbox.poll()
+        if code is not None:
+            self._ended()
+        return code
 
     def kill(self) -> None:
         self._sandbox.kill()
@@ -88,10 +94,19 @@ class Process:
         self._sandbox.resize(rows, columns)
 
     def communicate(self, input: bytes | None = None) -> tuple[bytes, bytes]:
-        return communicate(self._sandbox, input)
+        out = communicate(self._sandbox, input)
+        self._ended()
+        return out
 
     def close(self) -> None:
-        self._sandbox.close()
+        try:
+            self._sandbox.close()
+        finally:
+            self._ended()
+
+    def _ended(self) -> None:
+        if self._trail is not None:
+            self._trail.finish(self._sandbox)
 
     def __enter__(self) -> Process:
         return self
@@ -132,15 +147,11 @@ def launch(plan_: Plan, options: LaunchOptions) -> SandboxProcess:
 
 
 def audited_launch(
-    request: RequestLike,
-    options: LaunchOptions,
-    *,
-    experimental: bool = False,
-    audit: bool = True,
-    denials: KernelDenialWatcher | None = None,
-) -> tuple[Plan, SandboxProcess, Recorder]:
-    """Parse, clamp, plan and launch, recording request/refusal, plan and launch events.
-    ``denials``, opened before, is told which sandbox to collect kernel denial records for."""
+    request: RequestLike, options: LaunchOptions, *, experimental: bool = False, audit: bool = True
+) -> tuple[Plan, SandboxProcess, RunAudit]:
+    """Parse, clamp, plan and launch, recording request/refusal, plan and launch events; the
+    returned :class:`RunAudit` writes the kernel's denials and the exit once it is over."""
+    from corral.audit.kernel_denials import KernelDenialWatcher
     from corral.audit.recorder import Recorder
     from corral.policy.admin import AdminPolicy
 
@@ -157,12 +168,42 @@ def audited_launch(
         raise
     recorder.emit("request", decision="allow", containment=p.containment, command=p.command[-1])
     recorder.emit("plan", clauses=[c.as_dict() for c in p.clauses], warnings=list(p.warnings))
-    listening = denials is not None and denials.listening
-    proc = launch(p, replace(options, audit=recorder.network_decision, log_denials=listening))
+    # Kernel denial records (Landlock, seccomp): subscribed before the launch asks for them.
+    denials = KernelDenialWatcher.open(enabled=audit)
+    try:
+        proc = launch(
+            p, replace(options, audit=recorder.network_decision, log_denials=denials.listening)
+        )
+    except BaseException:
+        denials.close()
+        raise
     recorder.emit("launch", pid=proc.pid, backend=p.backend)
-    if denials is not None:  # kernel denial records: corral.audit.kernel_denials
-        denials.attach(proc.pid)
-    return p, proc, recorder
+    denials.attach(proc.pid)
+    return p, proc, RunAudit(recorder, denials)
+
+
+@dataclass
+class RunAudit:
+    """The end of a one-shot run's trail: its kernel denials, then its exit or timeout."""
+
+    recorder: Recorder
+    denials: KernelDenialWatcher
+    _done: bool = False
+
+    def finish(self, proc: SandboxProcess) -> None:
+        """Once the workload ended (idempotent); also releases the watch when it did not."""
+        if self._done:
+            return
+        self._done = True
+        try:
+            code = proc.returncode
+            if code is not None:
+                self.denials.finish(self.recorder)
+                self.recorder.emit(
+                    "timeout" if proc.timed_out else "exit", pid=proc.pid, exitCode=code
+                )
+        finally:
+            self.denials.close()
 
 
 @overload
@@ -199,20 +240,16 @@ def run(
     in learning mode instead (see :func:`learn`)."""
     if learn:
         return _learn(request, input=input, experimental=experimental, audit=audit)
-    from corral.audit.kernel_denials import KernelDenialWatcher
-
     stdin: StdioMode = "pipe" if input else "devnull"
-    # Kernel denial records (Landlock, seccomp): subscribed before launch, written before exit.
-    with KernelDenialWatcher.open(enabled=audit) as denials:
-        p, proc, recorder = audited_launch(
-            request, LaunchOptions(stdin=stdin), experimental=experimental, audit=audit,
-            denials=denials,
-        )  # fmt: skip
+    p, proc, trail = audited_launch(
+        request, LaunchOptions(stdin=stdin), experimental=experimental, audit=audit
+    )
+    try:
         with proc:
             out, err = communicate(proc, input)
             code = proc.wait()
-        denials.finish(recorder)
-    recorder.emit("timeout" if proc.timed_out else "exit", pid=proc.pid, exitCode=code)
+    finally:
+        trail.finish(proc)
     return ExecutionResult(
         out.decode(errors="replace"), err.decode(errors="replace"), code, proc.timed_out, p.warnings
     )
@@ -250,8 +287,10 @@ def _learn(
 
 def spawn(request: RequestLike, *, experimental: bool = False, audit: bool = True) -> Process:
     """Start a one-shot request; talk to it through pipes."""
-    p, proc, _ = audited_launch(request, LaunchOptions(), experimental=experimental, audit=audit)
-    return Process(proc, p.warnings)
+    p, proc, trail = audited_launch(
+        request, LaunchOptions(), experimental=experimental, audit=audit
+    )
+    return Process(proc, p.warnings, trail)
 
 
 def spawn_with_pty(
@@ -264,8 +303,8 @@ def spawn_with_pty(
 ) -> Process:
     """Start a one-shot request on its own pseudo-terminal (``pty_fd`` is the master side)."""
     options = LaunchOptions(pty=(rows, columns))
-    p, proc, _ = audited_launch(request, options, experimental=experimental, audit=audit)
-    return Process(proc, p.warnings)
+    p, proc, trail = audited_launch(request, options, experimental=experimental, audit=audit)
+    return Process(proc, p.warnings, trail)
 
 
 def validate(request: RequestLike, *, experimental: bool = False) -> ValidationResult:

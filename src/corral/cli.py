@@ -127,33 +127,40 @@ def _cmd_exec(args: argparse.Namespace) -> int:
             from corral.learn.cli import run_exec
 
             return run_exec(args, request)
-        plan = api.plan(request)
-        _log(args, f"plan:\n{plan.render_table()}")
         if args.dry_run:
+            plan = api.plan(request)
+            _log(args, f"plan:\n{plan.render_table()}")
             print(plan.to_json() if args.json else plan.render_table())
             return 0
-        return _run_inherited(plan)
+        return _run_inherited(args, request)
     except CorralError as exc:
         return _fail(args, exc)
 
 
-def _run_inherited(plan: Any) -> int:
+def _run_inherited(args: argparse.Namespace, request: Any) -> int:
+    """The workload on the caller's own stdio, with the SDK's audit trail."""
     from corral import api
     from corral.backends.base import LaunchOptions
     from corral.errors import CorralError, ErrorCode
 
+    sys.stdout.flush()
+    options = LaunchOptions("inherit", "inherit", "inherit")
+    plan, proc, trail = api.audited_launch(request, options)
+    _log(args, f"plan:\n{plan.render_table()}")
     for warning in plan.warnings:
         print(f"corral: warning: {warning}", file=sys.stderr)
-    sys.stdout.flush()
-    with api.launch(plan, LaunchOptions("inherit", "inherit", "inherit")) as proc:
-        code = proc.wait()
-        if proc.timed_out:
-            raise CorralError(
-                f"the workload exceeded its timeout of {plan.timeout_ms} ms and was killed",
-                code=ErrorCode.BACKEND_ERROR,
-                details={"timedOut": True},
-            )
-        return code
+    try:
+        with proc:
+            code = proc.wait()
+    finally:
+        trail.finish(proc)
+    if proc.timed_out:
+        raise CorralError(
+            f"the workload exceeded its timeout of {plan.timeout_ms} ms and was killed",
+            code=ErrorCode.BACKEND_ERROR,
+            details={"timedOut": True},
+        )
+    return code
 
 
 def _lifecycle(args: argparse.Namespace, request: Any) -> int:

@@ -92,11 +92,11 @@ def watch(
     argv += [secret, str(restrict_flags), str(seccomp_log), mode]
     with KernelDenialWatcher.open() as watcher:
         assert watcher.listening
-        child = subprocess.Popen(argv, stdin=subprocess.PIPE)
-        wait_for_own_namespace(child.pid)
+        child = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+        wait_for_own_namespace(child)
         watcher.attach(child.pid)
-        child.communicate(b"go\n", timeout=30)
-        assert child.returncode == 0
+        _, err = child.communicate(b"go\n", timeout=30)
+        assert child.returncode == 0, err
         watcher.finish(Recorder(AuditLog(log), Actor.from_process(AGENT), sandbox="sb-test"))
     return read_log(log)
 
@@ -119,10 +119,17 @@ IN_OWN_NAMESPACE = [
 ]  # fmt: skip
 
 
-def wait_for_own_namespace(pid: int) -> None:
+def wait_for_own_namespace(child: subprocess.Popen[bytes]) -> None:
     own = os.stat("/proc/self/ns/pid").st_ino
     deadline = time.monotonic() + 10
-    while os.stat(f"/proc/{pid}/ns/pid_for_children").st_ino == own:
+    while True:
+        try:
+            if os.stat(f"/proc/{child.pid}/ns/pid_for_children").st_ino != own:
+                return
+        except FileNotFoundError:  # briefly while it execs; for good once it exited
+            if child.poll() is not None:
+                _, err = child.communicate(timeout=10)
+                raise AssertionError(f"the child exited {child.returncode}: {err!r}") from None
         assert time.monotonic() < deadline, "unshare never made its PID namespace"
         time.sleep(0.001)
 
@@ -184,8 +191,10 @@ def test_denials_outside_the_sandbox_are_not_attributed(tmp_path: str, secret: s
     log = os.path.join(tmp_path, "audit.jsonl")
     stranger = [sys.executable, "-c", CHILD, secret, "0", "1", "direct"]
     with KernelDenialWatcher.open() as watcher:
-        sandbox = subprocess.Popen([*IN_OWN_NAMESPACE, "true"], stdin=subprocess.PIPE)
-        wait_for_own_namespace(sandbox.pid)
+        sandbox = subprocess.Popen(
+            [*IN_OWN_NAMESPACE, "true"], stdin=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        wait_for_own_namespace(sandbox)
         watcher.attach(sandbox.pid)
         subprocess.run(stranger, check=True, timeout=30)
         sandbox.communicate(b"go\n", timeout=30)
