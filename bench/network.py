@@ -1,53 +1,92 @@
 """Throughput and connection latency through Corral's policy proxy vs direct, in one run.
 
-Everything stays on 127.0.0.1: a sink server, the proxy in front of it (CONNECT tunnels,
-spliced), bounded loops. The sink, the proxy and the client run in three processes, as in
-real use (the proxy lives in Corral's process, not the workload's), so no Python lock is
-shared between them. Direct and proxied rounds alternate and the medians are reported (a
-2-core machine is noisy). Targets (issue 4): >= 0.8x direct throughput, <= 1 ms added per
-new connection without TLS interception.
+Everything stays on 127.0.0.1 with bounded loops. Three routes to the same sink, driven by
+the same client code with the same payload:
+- direct: client -> sink;
+- proxied: client -> CONNECT tunnel through Corral's policy proxy -> sink (hostname rule,
+  pinned address, audit events written to a real hash-chained audit log, as in use);
+- bare relay: client -> ``splice_relay.c`` -> sink, a C relay with the proxy's splice loop
+  and no policy nor CONNECT exchange: the upper bound for any relay on this machine
+  (skipped when no C compiler is found).
+The sink, the proxy, the relay and the client are separate processes, as in real use (the
+proxy lives in Corral's process, not the workload's). The sink serves every connection
+from one epoll loop into one reused buffer, so neither its thread starts nor its
+allocations weigh on one path more than another.
+
+Throughput: a warm-up round per path, then ROUNDS rounds of MEGABYTES MiB, paths in a
+shuffled order each round; median MB/s (and the range) plus the CPU time every process of
+the path spent per MiB (client + sink + proxy or relay): with all of them on 2 cores,
+CPU per MiB bounds throughput. Latency: connect (+ CONNECT and its 200 when proxied), send
+one byte, read the sink's one-byte answer, close; CONNECTIONS times per path, paths
+shuffled per connection so load changes hit them alike; median and 90th percentile.
+Targets (issue 4): >= 0.8x direct throughput, <= 1 ms added per new connection.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import os
+import random
+import selectors
+import shutil
 import socket
 import statistics
+import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
+from pathlib import Path
 
+from corral.audit.events import Actor
+from corral.audit.log import AuditLog
+from corral.audit.recorder import Recorder
 from corral.contract.extensions import build_corral_section
 from corral.net.policy_proxy import PolicyProxy
 
-MEGABYTES = 256
-ROUNDS = 5
-CONNECTIONS = 300
+MEGABYTES = 512
+ROUNDS = 7
+CONNECTIONS = 1000
 CHUNK = 1 << 20
+PROBE = b"!"  # a connection whose only byte is this gets one byte back
 _FORK = multiprocessing.get_context("fork")
+_RELAY_SOURCE = Path(__file__).with_name("splice_relay.c")
 
 
 def run_sink(report: Connection) -> None:
     server = socket.create_server(("127.0.0.1", 0), backlog=512)
+    server.setblocking(False)
     report.send(server.getsockname()[1])
-
-    def serve(conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(CHUNK):
-                if data.endswith(b"!"):  # latency probe: answer and close
-                    conn.sendall(b"k")
-
+    buffer = bytearray(CHUNK)
+    events = selectors.DefaultSelector()
+    events.register(server, selectors.EVENT_READ)
     while True:
-        conn, _ = server.accept()
-        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+        for key, _ in events.select():
+            sock: socket.socket = key.fileobj  # type: ignore[assignment]
+            if sock is server:
+                with contextlib.suppress(BlockingIOError):  # the client gave up already
+                    conn, _ = server.accept()
+                    events.register(conn, selectors.EVENT_READ)
+                continue
+            received = 0
+            with contextlib.suppress(ConnectionResetError):
+                received = sock.recv_into(buffer)
+                if received == 1 and buffer[0] == PROBE[0]:
+                    sock.sendall(b"k")
+            if received == 0:
+                events.unregister(sock)
+                sock.close()
 
 
-def run_proxy(report: Connection, sink_port: int) -> None:
+def run_proxy(report: Connection, sink_port: int, audit_path: str) -> None:
     hosts = {"allow": [{"host": "bench.test", "ports": [sink_port]}]}
+    recorder = Recorder(AuditLog(audit_path), Actor.from_process(), "bench")
     proxy = PolicyProxy(
         build_corral_section({"network": {"hosts": hosts}}).network,
+        audit=recorder.network_decision,
         resolver=lambda host, port: ["127.0.0.1"],
         address_ok=lambda addr: True,  # the bench's upstream is on loopback by design
     )
@@ -56,13 +95,33 @@ def run_proxy(report: Connection, sink_port: int) -> None:
     threading.Event().wait()
 
 
-def in_child(target: Callable[..., None], *args: object) -> tuple[int, BaseProcess]:
-    """Start ``target(report, *args)`` in a forked process; return the port it reports."""
+def in_child(target: Callable[..., None], *args: object) -> tuple[int, int]:
+    """Start ``target(report, *args)`` in a forked process; return (its port, its pid)."""
     receive, report = _FORK.Pipe(duplex=False)
     child = _FORK.Process(target=target, args=(report, *args), daemon=True)
     child.start()
     port: int = receive.recv()
-    return port, child
+    assert child.pid is not None
+    return port, child.pid
+
+
+def start_relay(workdir: str, sink_port: int) -> subprocess.Popen[str] | None:
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    binary = os.path.join(workdir, "splice_relay")
+    subprocess.run([compiler, "-O2", "-pthread", "-o", binary, str(_RELAY_SOURCE)], check=True)
+    return subprocess.Popen([binary, str(sink_port)], stdout=subprocess.PIPE, text=True)
+
+
+@dataclass
+class Route:
+    name: str
+    connect: Callable[[], socket.socket]
+    pids: list[int]  # the processes besides the client that this path runs through
+    rates: list[float] = field(default_factory=list)
+    cpu_seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)
 
 
 def open_direct(port: int) -> socket.socket:
@@ -77,47 +136,97 @@ def open_proxied(proxy: int, port: int) -> socket.socket:
     return conn
 
 
-def throughput(conn: socket.socket) -> float:
-    block = b"x" * CHUNK
-    start = time.perf_counter()
-    with conn:
-        for _ in range(MEGABYTES):
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system time of these processes (all their threads, dead ones too)."""
+    ticks = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def send_round(route: Route, block: memoryview, megabytes: int) -> None:
+    pids = [os.getpid(), *route.pids]
+    cpu_before, start = cpu_seconds(pids), time.perf_counter()
+    with route.connect() as conn:
+        for _ in range(megabytes):
             conn.sendall(block)
         conn.shutdown(socket.SHUT_WR)
+        conn.recv(1)  # the sink closes once it has read everything
+    route.rates.append(megabytes * CHUNK / 1e6 / (time.perf_counter() - start))
+    route.cpu_seconds += cpu_seconds(pids) - cpu_before
+
+
+def probe(route: Route) -> float:
+    start = time.perf_counter()
+    with route.connect() as conn:
+        conn.sendall(PROBE)
         conn.recv(1)
-    return MEGABYTES / (time.perf_counter() - start)
+    return (time.perf_counter() - start) * 1000
 
 
-def latency(opener: Callable[[], socket.socket]) -> float:
-    times = []
+def measure(routes: list[Route]) -> None:
+    block = memoryview(bytes(CHUNK))
+    for route in routes:
+        send_round(route, block, MEGABYTES // 4)  # warm-up: buffers, threads, caches
+        route.rates.clear()
+        route.cpu_seconds = 0.0
+    for _ in range(ROUNDS):
+        for route in random.sample(routes, len(routes)):
+            send_round(route, block, MEGABYTES)
+    for _ in range(20):  # warm-up
+        for route in routes:
+            probe(route)
     for _ in range(CONNECTIONS):
-        start = time.perf_counter()
-        with opener() as conn:
-            conn.sendall(b"!")
-            conn.recv(1)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+        for route in random.sample(routes, len(routes)):
+            route.latencies.append(probe(route))
+
+
+def report(routes: list[Route]) -> None:
+    direct = routes[0]
+    base_rate = statistics.median(direct.rates)
+    base_ms = statistics.median(direct.latencies)
+    print(f"throughput: {ROUNDS} rounds x {MEGABYTES} MiB per path, median (min-max)")
+    for route in routes:
+        rate = statistics.median(route.rates)
+        cpu_ms = route.cpu_seconds * 1000 / (ROUNDS * MEGABYTES)
+        print(
+            f"  {route.name:12s} {rate:6.0f} MB/s ({min(route.rates):.0f}-{max(route.rates):.0f})"
+            f"  {rate / base_rate:.2f}x direct   CPU {cpu_ms:.3f} ms/MiB"
+        )
+    print(f"new connection + 1-byte exchange: {CONNECTIONS} per path, median (p90)")
+    for route in routes:
+        median = statistics.median(route.latencies)
+        p90 = statistics.quantiles(route.latencies, n=10)[-1]
+        print(f"  {route.name:12s} {median:6.3f} ms ({p90:.3f})   added {median - base_ms:+.3f} ms")
 
 
 def main() -> None:
-    port, sink = in_child(run_sink)
-    proxy_port, proxy = in_child(run_proxy, port)
-    direct: list[float] = []
-    proxied: list[float] = []
-    try:
-        for _ in range(ROUNDS):
-            direct.append(throughput(open_direct(port)))
-            proxied.append(throughput(open_proxied(proxy_port, port)))
-        direct_ms = latency(lambda: open_direct(port))
-        proxied_ms = latency(lambda: open_proxied(proxy_port, port))
-    finally:
-        proxy.kill()
-        sink.kill()
-    direct_tp, proxied_tp = statistics.median(direct), statistics.median(proxied)
-    print(f"throughput direct   {direct_tp:8.0f} MB/s (median of {ROUNDS} x {MEGABYTES} MiB)")
-    print(f"throughput proxied  {proxied_tp:8.0f} MB/s   ratio {proxied_tp / direct_tp:.2f}x")
-    print(f"connect+1 byte direct  {direct_ms:6.3f} ms (median of {CONNECTIONS})")
-    print(f"connect+1 byte proxied {proxied_ms:6.3f} ms   added {proxied_ms - direct_ms:.3f} ms")
+    with tempfile.TemporaryDirectory() as workdir:
+        sink_port, sink_pid = in_child(run_sink)
+        proxy_port, proxy_pid = in_child(run_proxy, sink_port, os.path.join(workdir, "audit"))
+        routes = [
+            Route("direct", lambda: open_direct(sink_port), [sink_pid]),
+            Route("proxied", lambda: open_proxied(proxy_port, sink_port), [sink_pid, proxy_pid]),
+        ]
+        relay = start_relay(workdir, sink_port)
+        if relay is not None and relay.stdout is not None:
+            relay_port = int(relay.stdout.readline())
+            routes.append(
+                Route("bare relay", lambda: open_direct(relay_port), [sink_pid, relay.pid])
+            )
+        try:
+            measure(routes)
+        finally:
+            for pid in (sink_pid, proxy_pid):
+                os.kill(pid, 9)
+            if relay is not None:
+                relay.kill()
+                relay.wait()
+        report(routes)
+        if relay is None:
+            print("  (no C compiler: the bare splice relay baseline was skipped)")
 
 
 if __name__ == "__main__":

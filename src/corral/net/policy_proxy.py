@@ -13,19 +13,23 @@ loopback, the sandbox's only way out besides its CIDR rules.
   Corral's DNS stub (``dns.py``) answers the sandbox's queries from the same pins.
 - A refusal is ``403`` with a JSON body naming the rule; every decision goes to ``audit``.
 
-One thread per connection (blocking sockets make ``os.splice`` simple).
+One thread per connection and one more per tunnel (blocking sockets make ``os.splice``
+simple), taken from a pool of waiting threads (``workers.py``): starting a thread would
+cost more than everything else a new connection needs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import socket
 import ssl
 import threading
+import time
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import h11
@@ -37,10 +41,12 @@ from corral.net.dns import DnsStub
 from corral.net.pins import PinRefused, Pins, Resolver, not_local, system_resolver
 from corral.net.refusal import Refused, send_refusal
 from corral.net.tls import client_hello_sni
+from corral.net.workers import Workers
 
 CONNECT_TIMEOUT_S = 10.0
 _PIPE_SIZE = 1 << 20
 _SPLICE_FLAGS = os.SPLICE_F_MOVE  # not F_MORE: it corks small replies (+400 ms)
+_TUNNEL_OPEN = b"HTTP/1.1 200 Connection established\r\n\r\n"  # h11 takes 25 us for it
 
 
 class PolicyProxy:
@@ -64,6 +70,7 @@ class PolicyProxy:
         self.port: int = self._server.getsockname()[1]
         self.dns_port: int = self._dns.port  # UDP and TCP
         self._thread: threading.Thread | None = None
+        self._workers = Workers("corral-proxy-conn")
         self._stopped = False
 
     @property
@@ -83,6 +90,7 @@ class PolicyProxy:
         self._server.close()
         if self._thread is not None:
             self._thread.join(timeout=2)
+        self._workers.close()
         self._dns.stop()
         if self._ca is not None:
             self._ca.close()
@@ -111,8 +119,14 @@ class PolicyProxy:
             try:
                 conn, _ = self._server.accept()
             except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+                if self._stopped:
+                    return
+                time.sleep(0.01)  # a client that reset before accept(), or out of fds: go on
+                continue
+            try:
+                self._workers.submit(functools.partial(self._serve, conn))
+            except RuntimeError:  # no thread could be started (the host's limit): refuse it
+                conn.close()
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
@@ -140,7 +154,7 @@ class PolicyProxy:
             return
         upstream = self._connect(host, port)
         with upstream:
-            conn.sendall(h11conn.send(h11.Response(status_code=200, headers=[])) or b"")
+            conn.sendall(_TUNNEL_OPEN)
             leftover = bytes(h11conn.trailing_data[0])
             sni = client_hello_sni(leftover or _peek_hello(conn))
             if sni is not None and sni.lower().rstrip(".") != host.lower().rstrip("."):
@@ -150,13 +164,13 @@ class PolicyProxy:
                 upstream.sendall(leftover)
             conn.settimeout(None)
             upstream.settimeout(None)
-            _splice_both_ways(conn, upstream)
+            self._splice_both_ways(conn, upstream)
 
     def _intercept(
         self, conn: socket.socket, h11conn: h11.Connection, host: str, port: int
     ) -> None:
         assert self._ca is not None, "inspection is decided only with interception on"
-        conn.sendall(h11conn.send(h11.Response(status_code=200, headers=[])) or b"")
+        conn.sendall(_TUNNEL_OPEN)
         sni = None if h11conn.trailing_data[0] else client_hello_sni(_peek_hello(conn))
         if sni is None or sni.lower().rstrip(".") != host:
             # Pipelined bytes, plain text or another name: nothing this proxy can decrypt.
@@ -212,10 +226,21 @@ class PolicyProxy:
     def _connect(self, host: str, port: int) -> socket.socket:
         for addr in self._pin(host, port):
             try:
-                return socket.create_connection((addr, port), timeout=CONNECT_TIMEOUT_S)
+                return _open_upstream(addr, port)
             except OSError:
                 continue
         raise Refused(f"cannot connect to {host}:{port}", "upstream unreachable")
+
+    def _splice_both_ways(self, a: socket.socket, b: socket.socket) -> None:
+        back_done = threading.Event()
+
+        def back() -> None:
+            _splice(b, a)
+            back_done.set()
+
+        self._workers.submit(back)
+        _splice(a, b)
+        back_done.wait()
 
     def _pin(self, host: str, port: int) -> list[str]:
         try:
@@ -300,32 +325,46 @@ def _peek_hello(conn: socket.socket) -> bytes:
     return data
 
 
-def _splice(src: socket.socket, dst: socket.socket) -> None:
-    """Copy ``src`` to ``dst`` until EOF through a kernel pipe, then half-close ``dst``."""
-    read_end, write_end = os.pipe()
-    with contextlib.suppress(OSError):  # a 1 MiB pipe: 16x fewer round trips than 64 KiB
-        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+def _open_upstream(addr: str, port: int) -> socket.socket:
+    # Pins are address literals: no getaddrinfo (create_connection's) on this path.
+    upstream = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
     try:
-        while True:
-            moved = os.splice(src.fileno(), write_end, _PIPE_SIZE, flags=_SPLICE_FLAGS)
-            if moved == 0:
-                break
-            while moved:
-                moved -= os.splice(read_end, dst.fileno(), moved, flags=_SPLICE_FLAGS)
+        upstream.settimeout(CONNECT_TIMEOUT_S)
+        upstream.connect((addr, port))
     except OSError:
-        pass
+        upstream.close()
+        raise
+    return upstream
+
+
+@contextlib.contextmanager
+def _pipe() -> Iterator[tuple[int, int]]:
+    read_end, write_end = os.pipe()
+    try:
+        with contextlib.suppress(OSError):  # 1 MiB: 16x fewer round trips than 64 KiB
+            fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+        yield read_end, write_end
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def _splice(src: socket.socket, dst: socket.socket) -> None:
+    """Copy ``src`` to ``dst`` until EOF through a kernel pipe, then half-close ``dst``.
+    Never raises: the other direction's thread may still use both sockets."""
+    try:
+        with _pipe() as (read_end, write_end):
+            while True:
+                moved = os.splice(src.fileno(), write_end, _PIPE_SIZE, flags=_SPLICE_FLAGS)
+                if moved == 0:
+                    break
+                while moved:
+                    moved -= os.splice(read_end, dst.fileno(), moved, flags=_SPLICE_FLAGS)
+    except OSError:
+        pass  # a reset, or no fds left for the pipe: this direction ends
+    finally:
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
-
-
-def _splice_both_ways(a: socket.socket, b: socket.socket) -> None:
-    back = threading.Thread(target=_splice, args=(b, a), daemon=True)
-    back.start()
-    _splice(a, b)
-    back.join()
 
 
 __all__: Sequence[str] = ("PolicyProxy", "Refused", "not_local", "system_resolver")
