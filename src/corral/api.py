@@ -187,7 +187,7 @@ class RunAudit:
     """The end of a one-shot run's trail: its kernel denials, then its exit or timeout."""
 
     recorder: Recorder
-    denials: KernelDenialWatcher
+    denials: KernelDenialWatcher | None = None  # None: not watched (long-lived sandboxes' execs)
     _done: bool = False
 
     def finish(self, proc: SandboxProcess) -> None:
@@ -198,12 +198,14 @@ class RunAudit:
         try:
             code = proc.returncode
             if code is not None:
-                self.denials.finish(self.recorder)
+                if self.denials is not None:
+                    self.denials.finish(self.recorder)
                 self.recorder.emit(
                     "timeout" if proc.timed_out else "exit", pid=proc.pid, exitCode=code
                 )
         finally:
-            self.denials.close()
+            if self.denials is not None:
+                self.denials.close()
 
 
 @overload

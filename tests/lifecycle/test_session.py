@@ -122,3 +122,29 @@ def test_through_the_root_service_for_a_user(service: str) -> None:
     assert ran.stdout.strip() == str(agent.pw_uid)  # alice's exec runs as the agent, not alice
     _ok(_as(alice, service, "deprovision", {"sandboxId": sid}))
     assert not _exists(agent.pw_name)
+
+
+def test_pty_exec_runs_as_the_agent_on_its_own_terminal(run_dir: str) -> None:
+    from corral.lifecycle import api
+
+    result = api.provision_container(PROVISION)
+    sid, agent = result.container_id, pwd.getpwnam(result.metadata["agentUserName"])
+    try:
+        api.start_container(sid)
+        command = "test -t 0 && echo on-a-terminal; stty size; id -u"
+        with api.spawn_in_container_with_pty(sid, command, rows=33, columns=101) as proc:
+            assert proc.pty_fd is not None
+            out = b""
+            while chunk := _read_pty(proc.pty_fd):
+                out += chunk
+            assert proc.wait() == 0
+        assert out.split() == [b"on-a-terminal", b"33", b"101", str(agent.pw_uid).encode()]
+    finally:
+        api.deprovision_container(sid)
+
+
+def _read_pty(fd: int) -> bytes:
+    try:
+        return os.read(fd, 4096)
+    except OSError:  # EIO: the terminal's last process is gone
+        return b""

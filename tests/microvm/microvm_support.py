@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import select
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,3 +71,26 @@ def make_plan(
         ),
     )
     return build_plan(request, backend.probe())
+
+
+def read_until(fd: int, token: bytes, timeout: float = 30.0) -> bytes:
+    """What a pty master gives until ``token`` appears (or it closes, or time runs out)."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while token not in seen and time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: every slave is closed
+                break
+            if not chunk:
+                break
+            seen += chunk
+    return seen
+
+
+# Prints the terminal, its size, echoes a line typed on it, then the size after a resize.
+TERMINAL_SCRIPT = (
+    "test -t 0 && test -t 1 && test -t 2 && echo on-a-tty; stty size; read line; "
+    "echo got:$line; sleep 1; stty size; exit 3"
+)

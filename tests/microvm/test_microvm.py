@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from microvm_support import Tree, make_plan, process_alive, run
+from microvm_support import TERMINAL_SCRIPT, Tree, make_plan, process_alive, read_until, run
 
 from corral.backends.base import LaunchOptions
 from corral.backends.microvm import MicroVM, MicrovmBackend
@@ -26,6 +26,13 @@ def test_probe_names_the_accelerator_and_mechanisms(backend: MicrovmBackend) -> 
         info.mechanisms
     )
     assert f"accel={backend.accelerator().name}" in info.mechanisms["hypervisor"]
+
+
+def test_guest_speed_options_only_under_tcg(backend: MicrovmBackend, vm: MicroVM) -> None:
+    """User-space ASLR is off in the guest exactly when QEMU emulates (and the probe says so)."""
+    tcg = backend.accelerator().name == "tcg"
+    assert run(vm, "cat /proc/sys/kernel/randomize_va_space").out == ("0\n" if tcg else "2\n")
+    assert ("norandmaps" in backend.probe().mechanisms["hypervisor"]) == tcg
 
 
 def test_output_streams_and_exit_code(vm: MicroVM) -> None:
@@ -152,6 +159,19 @@ def test_kill_stops_a_running_workload(vm: MicroVM) -> None:
         assert not proc.timed_out
 
 
+def test_pty_exec_runs_on_a_guest_terminal_and_follows_resizes(vm: MicroVM) -> None:
+    env = {"PATH": "/usr/bin:/bin"}
+    options = LaunchOptions(pty=(30, 100))
+    with vm.exec(["/bin/sh", "-c", TERMINAL_SCRIPT], cwd="/", env=env, options=options) as proc:
+        assert proc.pty_fd is not None
+        assert read_until(proc.pty_fd, b"30 100\r\n").endswith(b"on-a-tty\r\n30 100\r\n")
+        os.write(proc.pty_fd, b"typed\r")  # the guest's line discipline echoes it and ends the line
+        assert b"typed\r\ngot:typed\r\n" in read_until(proc.pty_fd, b"got:typed\r\n")
+        proc.resize(40, 120)
+        assert b"40 120" in read_until(proc.pty_fd, b"40 120")
+        assert proc.wait(30) == 3
+
+
 def test_one_exec_at_a_time(vm: MicroVM) -> None:
     with (
         vm.exec(["/bin/sh", "-c", "sleep 60"], cwd="/", env={}),
@@ -198,6 +218,39 @@ def test_qemu_dies_with_its_parent() -> None:
     assert not process_alive(pid)
     sweep_stale(RUN_DIR)
     assert set(os.listdir(RUN_DIR)) == before
+
+
+def test_sweep_kills_a_qemu_that_outlived_its_owner(backend: MicrovmBackend, tree: Tree) -> None:
+    """A QEMU whose owner is gone (here: the run directory names an exited process) is killed by
+    the sweep `corral gc` runs, and its run directory removed; a live owner's VM is kept."""
+    vm = backend.boot(make_plan(backend, tree))
+    try:
+        rundir = next(
+            f"{RUN_DIR}/{n}" for n in os.listdir(RUN_DIR) if _read(f"{RUN_DIR}/{n}/qemu.pid") == str(vm.pid)
+        )  # fmt: skip
+        sweep_stale(RUN_DIR)
+        assert process_alive(vm.pid) and os.path.isdir(rundir)  # its owner (us) lives
+        gone = subprocess.Popen(["sleep", "60"])
+        with open(f"/proc/{gone.pid}/stat") as f:
+            gone_start = f.read().rpartition(")")[2].split()[19]
+        gone.kill()
+        gone.wait()
+        owner, qemu_start = _read(f"{rundir}/owner").split()[0::2]
+        assert owner == str(os.getpid())
+        with open(f"{rundir}/owner", "w") as f:
+            f.write(f"{gone.pid} {gone_start} {qemu_start}")
+        assert rundir in sweep_stale(RUN_DIR)
+        assert not process_alive(vm.pid) and not os.path.exists(rundir)
+    finally:
+        vm.shutdown()
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def test_guests_resumed_from_one_snapshot_do_not_share_randomness(

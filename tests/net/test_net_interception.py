@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 import trustme
+from http_echo import EchoHandler
 from nettestbed import PYTHON, Sandbox
-from test_net_policy_proxy import _Echo
 from test_net_rules import plan
 
 from corral import net
@@ -35,7 +35,7 @@ def https_upstream(test_ca: trustme.CA) -> Iterator[int]:
     """An HTTPS echo server for api.test on 127.0.0.1, its certificate from the test CA."""
     import http.server
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), EchoHandler)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     test_ca.issue_cert("api.test").configure_cert(context)
     server.socket = context.wrap_socket(server.socket, server_side=True)

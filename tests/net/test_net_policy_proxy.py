@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from http_echo import EchoHandler
 from nettestbed import PYTHON, Sandbox
 from test_net_rules import plan
 
@@ -23,27 +24,9 @@ from corral.net.policy_proxy import PolicyProxy, not_local
 pytestmark = pytest.mark.timeout(30)
 
 
-class _Echo(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        self._reply()
-
-    def do_POST(self) -> None:
-        self._reply()
-
-    def _reply(self) -> None:
-        body = f"{self.command} {self.path}".encode()
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[int]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), EchoHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server.server_address[1]
     server.shutdown()

@@ -16,7 +16,7 @@ from typing import Any
 from corral.api import ExecutionResult, Process, RequestLike, ValidationResult, parse
 from corral.contract.model import ProcessSpec, Request
 from corral.errors import CorralError, ErrorCode
-from corral.lifecycle import manager, privsep, service_client, session, store
+from corral.lifecycle import manager, microvm, privsep, service_client, session, store
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,13 @@ class ProvisionResult:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+HUMAN_DISPLAY = ("DISPLAY", "XAUTHORITY")
+
+
 def _control(op: str, sandbox_id: str, **params: Any) -> dict[str, Any]:
     if service_client.available():
+        if op == "start":  # a session sandbox's clipboard broker reaches the caller's display
+            params["display"] = {k: v for k, v in os.environ.items() if k in HUMAN_DISPLAY}
         result: dict[str, Any] = service_client.call(op, sandboxId=sandbox_id, **params)
         return result
     return run_locally(op, sandbox_id, **params)
@@ -59,8 +64,8 @@ def run_locally(op: str, sandbox_id: str, **params: Any) -> dict[str, Any]:
     return dict(action(sandbox_id))
 
 
-def _phase_request(request: RequestLike, phase: str) -> Request:
-    req = parse(request)
+def _phase_request(request: RequestLike, phase: str, *, experimental: bool = False) -> Request:
+    req = parse(request, experimental=experimental)
     if req.phase != phase:
         raise CorralError(
             f"expected a {phase!r} request, got phase {req.phase!r}",
@@ -69,9 +74,11 @@ def _phase_request(request: RequestLike, phase: str) -> Request:
     return req
 
 
-def provision_container(request: RequestLike) -> ProvisionResult:
-    req = _phase_request(request, "provision")
-    if service_client.available():
+def provision_container(request: RequestLike, *, experimental: bool = False) -> ProvisionResult:
+    """``experimental``: allow 1.1.0-alpha's experimental containments (microvm, vm)."""
+    req = _phase_request(request, "provision", experimental=experimental)
+    # The service does not take the experimental switch: those (root-only) run here.
+    if service_client.available() and req.containment not in microvm.CONTAINMENTS:
         result = service_client.call("provision", request=req.raw)
     else:
         result = manager.provision(req)
@@ -125,8 +132,12 @@ def run_in_container(
     process = _process_of(request_or_process)
     began = time.time()
     with contextlib.closing(manager.spawn(sandbox_id, process, stdin_devnull=not input)) as proc:
-        out, err = proc.communicate(input)
-        code = proc.wait()
+        try:
+            out, err = proc.communicate(input)
+            code = proc.wait()
+        finally:
+            if proc.trail is not None:
+                proc.trail.finish(proc)
         manager.log_exec(sandbox_id, {
             "time": began, "command": process.command_line, "exitCode": code,
             "timedOut": proc.timed_out, "durationMs": round((time.time() - began) * 1000, 3),
@@ -139,7 +150,8 @@ def run_in_container(
 def spawn_in_container(
     sandbox_id: str, request_or_process: RequestLike | ProcessSpec | str
 ) -> Process:
-    return Process(manager.spawn(sandbox_id, _process_of(request_or_process)))
+    proc = manager.spawn(sandbox_id, _process_of(request_or_process))
+    return Process(proc, (), proc.trail)
 
 
 def spawn_in_container_with_pty(
@@ -148,7 +160,8 @@ def spawn_in_container_with_pty(
     rows: int = 24,
     columns: int = 80,
 ) -> Process:
-    return Process(manager.spawn(sandbox_id, _process_of(request_or_process), pty=(rows, columns)))
+    proc = manager.spawn(sandbox_id, _process_of(request_or_process), pty=(rows, columns))
+    return Process(proc, (), proc.trail)
 
 
 def list_containers() -> list[dict[str, Any]]:

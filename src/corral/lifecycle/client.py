@@ -11,7 +11,7 @@ import socket
 import struct
 import termios
 import time
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from corral.backends.base import SandboxProcess
 from corral.backends.process.handle import (
@@ -25,12 +25,17 @@ from corral.errors import CorralError, ErrorCode
 from corral.lifecycle import protocol
 from corral.native import records
 
+if TYPE_CHECKING:
+    from corral.api import RunAudit
+
 KILLED_WITH_SANDBOX = 137  # the sandbox stopped under the workload: as if SIGKILLed
 DRAIN_S = 0.05
 
 
 class RemoteProcess(SandboxProcess):
     """A workload running in a started sandbox; ``pid`` is its pid inside the sandbox."""
+
+    trail: RunAudit | None = None  # its audit trail's end (corral.lifecycle.trail)
 
     def __init__(
         self,

@@ -6,8 +6,13 @@
   becomes ``stopped`` (it is still provisioned: the owner may start it again);
 * a supervisor process (``corral-sup``) that no state claims: killed, with its sandbox;
 * a Corral sandbox cgroup that no live sandbox claims: emptied and removed;
-* (root) an isolation_session identity whose sandbox is gone: released (account, files, ACLs).
+* (root) an isolation_session identity whose sandbox is gone: released (account, files, ACLs);
+  the processes of one that is not started (a start that crashed half-way): ended.
   slirp4netns needs nothing here: it exits with the supervisor that holds its exit pipe.
+* a policy proxy (``corral-proxy``) whose sandbox is not running: ended (it also exits by
+  itself through the same exit pipe; this catches one that could not).
+* (root) a micro-VM's QEMU run directory whose owner is gone, with a QEMU that outlived it and
+  its cgroup (lifecycle/microvm.py).
 
 Only the caller's own uid is touched, except for root, which cleans for everyone. Live
 sandboxes are never touched.
@@ -20,7 +25,7 @@ import os
 import re
 from typing import Any
 
-from corral.lifecycle import manager, session, store
+from corral.lifecycle import manager, microvm, network_policy, session, store
 from corral.lifecycle.launch import SUPERVISOR_NAME, kill_supervisor
 
 _LIFECYCLE_GROUP = re.compile(r"sandbox-[0-9a-f]{24}")
@@ -29,7 +34,7 @@ _LIFECYCLE_GROUP = re.compile(r"sandbox-[0-9a-f]{24}")
 def collect() -> dict[str, Any]:
     uid = os.getuid()
     report: dict[str, list[Any]] = {
-        "removed": [], "stopped": [], "killed": [], "cgroups": [], "identities": []
+        "removed": [], "stopped": [], "killed": [], "cgroups": [], "identities": [], "vms": []
     }  # fmt: skip
     claimed: set[tuple[int, int]] = set()
     live_tokens: set[str] = set()
@@ -49,6 +54,8 @@ def collect() -> dict[str, Any]:
         if (pid, start) not in claimed:
             kill_supervisor(pid, start)
             report["killed"].append(pid)
+    report["killed"] += network_policy.end_orphaned_proxies(uid)
+    report["vms"] = microvm.collect()
     for sandbox_id in session.orphaned_bindings(live_tokens):
         session.unbind(sandbox_id)
         report["identities"].append(sandbox_id)
@@ -76,6 +83,8 @@ def _collect_one(path: str, report: dict[str, list[Any]], claimed: set[tuple[int
             return False
         if session.needs_root(state.id) and os.geteuid() == 0:
             state.supervisor_pid, state.supervisor_start = session.trusted_supervisor(state.id)
+            if state.phase != "started":
+                session.end_stray_processes(state.id, state.owner_uid)
         if state.phase == "started" and not store.supervisor_alive(state):
             manager.notice_crash(path, state)
             report["stopped"].append(state.id)
@@ -98,13 +107,19 @@ def _supervisors(uid: int) -> list[tuple[int, int]]:
     return [
         (pid, start)
         for pid, start in corral_processes(store.run_dir(), {SUPERVISOR_NAME})
-        if uid == 0 or _owner(pid) == uid
+        if uid == 0 or process_owner(pid) == uid
     ]
 
 
 def corral_processes(base: str, names: set[str]) -> list[tuple[int, int]]:
     """Live (not zombie) processes named in ``names`` holding a unix socket bound under ``base``."""
-    inodes = _socket_inodes_under(base)
+    return [(pid, start) for pid, start, _ in held_sockets(base, names)]
+
+
+def held_sockets(base: str, names: set[str]) -> list[tuple[int, int, str]]:
+    """(pid, start time, socket path) of each live (not zombie) process named in ``names``
+    holding a unix socket bound under ``base`` (the first such path, in sorted order)."""
+    paths = _socket_paths_under(base)
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -118,21 +133,22 @@ def corral_processes(base: str, names: set[str]) -> list[tuple[int, int]]:
         except OSError:
             continue
         start = store.process_start_time(pid)
-        if start is not None and held & inodes:
-            found.append((pid, start))
+        bound = sorted(paths[name] for name in held & paths.keys())
+        if start is not None and bound:
+            found.append((pid, start, bound[0]))
     return found
 
 
-def _socket_inodes_under(base: str) -> set[str]:
-    """``socket:[inode]`` names of unix sockets bound to a path under ``base``."""
+def _socket_paths_under(base: str) -> dict[str, str]:
+    """``socket:[inode]`` name → path of the unix sockets bound to a path under ``base``."""
     prefix = os.path.realpath(base) + "/"
-    found = set()
+    found = {}
     with open("/proc/net/unix") as f:
         next(f)
         for line in f:
             fields = line.split()
             if len(fields) >= 8 and fields[7].startswith(prefix):
-                found.add(f"socket:[{fields[6]}]")
+                found[f"socket:[{fields[6]}]"] = fields[7]
     return found
 
 
@@ -145,7 +161,7 @@ def _empty(cgroup: str) -> bool:
         return False
 
 
-def _owner(pid: int) -> int | None:
+def process_owner(pid: int) -> int | None:
     try:
         return os.stat(f"/proc/{pid}").st_uid
     except OSError:

@@ -11,8 +11,10 @@ PREFIXES = {
     "process": "corral-process",
     "bubblewrap": "corral-bubblewrap",
     "isolation_session": "corral-session",
+    "microvm": "corral-microvm",
+    "vm": "corral-vm",
 }
-_ID = re.compile(r"corral-(?:process|bubblewrap|session):([0-9a-f]{24})")
+_ID = re.compile(r"corral-(?:process|bubblewrap|session|microvm|vm):([0-9a-f]{24})")
 
 
 def new_id(containment: str) -> str:

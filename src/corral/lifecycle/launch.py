@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import os
 import select
 import shutil
@@ -64,7 +63,9 @@ def plan_exec(sandbox: Plan, request: Request, process: ProcessSpec) -> ExecPlan
     start; only the process part is planned here, with the same policy functions as a one-shot
     run. An admin policy may clamp any part of a request: with one, the full planner runs.
     A proxy on the host's loopback is named as the sandbox reaches it (through 10.0.2.2)."""
-    if importlib.util.find_spec("corral.policy.admin") is not None:
+    from corral.policy.admin import AdminPolicy
+
+    if AdminPolicy.load() is not None:
         full = plan_sandbox(request, process)
         env = _proxy_inside(full.env, sandbox)
         return ExecPlan(full.command, env, full.cwd, full.timeout_ms)
@@ -129,7 +130,7 @@ def start_supervisor(
         if networked:
             os.close(exit_w)
             exit_w = -1
-            _attach_network(plan, launched, exit_r, os.path.join(path, NETWORK_DIR))
+            _attach_network(plan, launched, exit_r, os.path.join(path, NETWORK_DIR), state.id)
         os.close(launched.lifeline_w)
         error = read_launch_error(launched.error_r)
         start_time = store.process_start_time(launched.pid)
@@ -177,18 +178,26 @@ def _bind_private(listener: socket.socket, path: str, owner: tuple[int, int] | N
         os.close(dir_fd)
 
 
-def _attach_network(plan: Plan, launched: Launched, exit_r: int, workdir: str) -> None:
-    """Rules and link for the supervisor's network namespace, before its init starts."""
+def _attach_network(
+    plan: Plan, launched: Launched, exit_r: int, workdir: str, sandbox_id: str
+) -> None:
+    """Rules, link and policy proxy for the supervisor's network namespace, before its init
+    starts. The proxy audits to the trail of the uid starting it (the owner's)."""
     from corral import net
+    from corral.lifecycle import network_policy, trail
 
     assert launched.ready_r is not None and launched.sync_w is not None
     try:
         if os.read(launched.ready_r, 1) != b"R":
             return  # the child failed; its error arrives on the error pipe
         shutil.rmtree(workdir, ignore_errors=True)  # a previous start's
-        net.attach_detached(plan.network, pid=launched.pid, exit_fd=exit_r, workdir=workdir)
-        # exec requests carry their own environment
-        os.write(launched.sync_w, network_overrides({}, []))
+        attached = net.attach_detached(
+            plan.network, pid=launched.pid, exit_fd=exit_r, workdir=workdir,
+            sandbox=sandbox_id, audit_log=trail.audit_log_of(os.geteuid()),
+        )  # fmt: skip
+        # exec requests carry their own environment (network_policy.exec_environment)
+        binds = network_policy.ca_binds(attached.ca_bundle_path)
+        os.write(launched.sync_w, network_overrides({}, binds))
     except BaseException:
         kill_supervisor(launched.pid)
         os.close(launched.error_r)

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 from corral.contract.model import ProcessSpec, Request
-from corral.errors import ErrorCode, LifecycleError, PolicyError
-from corral.lifecycle import ids, network_policy, session, store
+from corral.errors import CorralError, ErrorCode, LifecycleError, PolicyError
+from corral.lifecycle import ids, microvm, network_policy, session, store, trail
 from corral.lifecycle.client import RemoteProcess, start_exec
 from corral.lifecycle.launch import kill_supervisor, plan_exec, plan_sandbox, start_supervisor
 from corral.plan import Plan
@@ -29,18 +29,29 @@ CONTAINMENTS = tuple(ids.PREFIXES)
 
 def provision(request: Request, *, acting_uid: int | None = None) -> dict[str, Any]:
     """``acting_uid``: root provisioning for that user (the service); default the caller."""
+    owner = _acting(acting_uid)
+    try:
+        result = _provision(request, owner)
+    except CorralError as exc:
+        trail.refused(trail.recorder(None, owner, request.raw, acting_uid), "provision", exc)
+        raise
+    rec = trail.recorder(result["sandboxId"], owner, request.raw, acting_uid)
+    trail.phase(rec, "provision", containment=result["containment"])
+    return result
+
+
+def _provision(request: Request, owner: int) -> dict[str, Any]:
     containment = request.containment or "process"
     if containment not in CONTAINMENTS:
         raise PolicyError(
             f"containment {containment!r} cannot be provisioned on Linux by Corral yet",
             code=ErrorCode.UNSUPPORTED_CONTAINMENT,
-            remediation="provision 'process', 'bubblewrap' or 'isolation_session', or run it "
-            "one-shot",
+            remediation="provision 'process', 'bubblewrap', 'isolation_session', 'microvm' or "
+            "'vm', or run it one-shot",
         )
     if containment == session.CONTAINMENT:
         session.require_root_for(None)
     plan = plan_sandbox(request)  # validate now: a bad policy fails here, not at start
-    owner = _acting(acting_uid)
     state = store.SandboxState(
         id=ids.new_id(containment),
         containment=containment,
@@ -74,7 +85,11 @@ def _locked_phase(
     sandbox_id: str,
     body: Callable[[str, store.SandboxState], Any],
     acting_uid: int | None = None,
+    *,
+    phase: str,
 ) -> Any:
+    """``body`` under the sandbox's lock; ``phase`` (or its refusal) goes to the owner's
+    audit trail, except for exec, whose launch and end the caller records (:func:`spawn`)."""
     path = store.find_sandbox(sandbox_id, _acting(acting_uid))
     with store.locked(path):
         state = store.load(path)
@@ -84,7 +99,15 @@ def _locked_phase(
             # Root trusts its own record of the supervisor, not the owner-writable state.
             state.supervisor_pid, state.supervisor_start = session.trusted_supervisor(state.id)
         notice_crash(path, state)
-        return body(path, state)
+        rec = trail.of_state(state, acting_uid)
+        try:
+            result = body(path, state)
+        except CorralError as exc:
+            trail.refused(rec, phase, exc)
+            raise
+        if phase != "exec":
+            trail.phase(rec, phase, **{k: v for k, v in result.items() if k == "rules"})
+        return result
 
 
 def notice_crash(path: str, state: store.SandboxState) -> None:
@@ -104,6 +127,8 @@ def start(sandbox_id: str, *, acting_uid: int | None = None) -> dict[str, Any]:
         plan = plan_sandbox(_request(state))
         if session.needs_root(state.id):
             started = session.start(path, state, plan)
+        elif microvm.is_vm(state.id):
+            started = microvm.start(path)
         else:
             started = start_supervisor(path, state, plan)
         state.phase = "started"
@@ -112,7 +137,7 @@ def start(sandbox_id: str, *, acting_uid: int | None = None) -> dict[str, Any]:
         store.save(path, state)
         return {"sandboxId": sandbox_id, "phase": state.phase}
 
-    result: dict[str, Any] = _locked_phase(sandbox_id, body, acting_uid)
+    result: dict[str, Any] = _locked_phase(sandbox_id, body, acting_uid, phase="start")
     return result
 
 
@@ -131,17 +156,20 @@ def spawn(
             plan = session.plan_exec(state.session, process, private_display=not request.ui.disable)
         else:
             plan = plan_exec(_sandbox_plan(state, request), request, process)
-        return start_exec(
+        proc = start_exec(
             os.path.join(path, store.CONTROL_SOCKET),
             command=plan.command,
-            env=plan.env,
+            env=network_policy.exec_environment(path, plan.env),
             cwd=plan.cwd,
             timeout_ms=plan.timeout_ms,
             pty=pty,
             stdin_devnull=stdin_devnull,
         )
+        # Its end is written by whoever sees it end (corral.lifecycle.api), through this.
+        proc.trail = trail.exec_launched(trail.of_state(state), proc.pid, process.command_line)
+        return proc
 
-    proc: RemoteProcess = _locked_phase(sandbox_id, body)
+    proc: RemoteProcess = _locked_phase(sandbox_id, body, phase="exec")
     return proc
 
 
@@ -158,7 +186,7 @@ def stop(sandbox_id: str, *, acting_uid: int | None = None) -> dict[str, Any]:
         store.save(path, state)
         return {"sandboxId": sandbox_id, "phase": state.phase}
 
-    result: dict[str, Any] = _locked_phase(sandbox_id, body, acting_uid)
+    result: dict[str, Any] = _locked_phase(sandbox_id, body, acting_uid, phase="stop")
     return result
 
 
@@ -171,7 +199,7 @@ def deprovision(sandbox_id: str, *, acting_uid: int | None = None) -> dict[str, 
         remove_sandbox(path, state)
         return {"sandboxId": sandbox_id, "phase": "deprovisioned"}
 
-    result: dict[str, Any] = _locked_phase(sandbox_id, body, acting_uid)
+    result: dict[str, Any] = _locked_phase(sandbox_id, body, acting_uid, phase="deprovision")
     return result
 
 
@@ -191,12 +219,12 @@ def set_network_policy(
         rules: list[str] = []
         if state.phase == "started":
             owner = 0 if session.needs_root(state.id) else state.owner_uid
-            rules = network_policy.install(state, new.network, owner)
+            rules = network_policy.install(path, state, new.network, owner)
         state.request = raw
         store.save(path, state)
         return {"sandboxId": sandbox_id, "phase": state.phase, "rules": rules}
 
-    result: dict[str, Any] = _locked_phase(sandbox_id, body, acting_uid)
+    result: dict[str, Any] = _locked_phase(sandbox_id, body, acting_uid, phase="policy")
     return result
 
 
@@ -221,6 +249,9 @@ def _release(path: str, state: store.SandboxState) -> None:
             session.end_processes(state.id, state.owner_uid)
     elif state.supervisor_pid is not None:
         kill_supervisor(state.supervisor_pid, state.supervisor_start, state.owner_uid)
+    network_policy.stop_proxy(path, state.owner_uid)  # else it would outlive stop by a moment
+    if microvm.is_vm(state.id):
+        microvm.collect()  # QEMU's run directory, when its owner was killed before cleaning up
     if state.cgroup:
         remove_cgroups(os.path.basename(path))
     with contextlib.suppress(FileNotFoundError):
@@ -295,7 +326,8 @@ def _request(state: store.SandboxState) -> Request:
 def _parse_cached(request_json: str) -> Request:
     from corral import api
 
-    return api.parse(json.loads(request_json))
+    # experimental: the gate (microvm, vm) was passed when the request was provisioned
+    return api.parse(json.loads(request_json), experimental=True)
 
 
 _plans: dict[tuple[str, int | None], Plan] = {}

@@ -56,6 +56,8 @@ def _operation(op: str, params: dict[str, Any], acting_uid: int | None) -> Any:
     sandbox_id = params.get("sandboxId")
     if op == "provision":
         return manager.provision(sdk.parse(params.get("request") or {}), acting_uid=acting_uid)
+    if op == "start":
+        _adopt_caller_display(params.get("display"))
     if acting_uid is not None:
         action = {"start": manager.start, "stop": manager.stop, "deprovision": manager.deprovision}
         if op == "policy":
@@ -72,6 +74,22 @@ def _operation(op: str, params: dict[str, Any], acting_uid: int | None) -> Any:
     if op == "gc":
         return gc.collect()
     raise CorralError(f"no service operation {op!r}", code=ErrorCode.UNSUPPORTED_PHASE)
+
+
+def _adopt_caller_display(display: Any) -> None:
+    """The caller's DISPLAY/XAUTHORITY, not the service's, for this (forked) operation: a
+    session sandbox's clipboard broker reaches the human's display as the sandbox's owner,
+    who can open only what they could open themselves."""
+    from corral.lifecycle.api import HUMAN_DISPLAY
+
+    for name in HUMAN_DISPLAY:
+        os.environ.pop(name, None)
+    if not isinstance(display, dict):
+        return
+    for name in HUMAN_DISPLAY:
+        value = display.get(name)
+        if isinstance(value, str) and value and "\0" not in value:
+            os.environ[name] = value
 
 
 async def _run_as_peer(uid: int, gid: int, op: str, params: dict[str, Any]) -> dict[str, Any]:

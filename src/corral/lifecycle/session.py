@@ -11,9 +11,12 @@ its supervisor.
     <run dir>/sessions/<token>     {"sandboxId", "owner", "identity", "supervisor": [pid, start],
                                     "helpers": [[pid, start], ...]}
 
-``helpers`` are the started sandbox's processes outside its supervisor (its private Xvfb):
-detached so that they outlive the starting call, killed by this record at stop, deprovision
-and `corral gc` (which deprovisions orphaned bindings).
+``helpers`` are the started sandbox's processes outside its supervisor (its private Xvfb and
+the two halves of its clipboard broker): detached so that they outlive the starting call,
+recorded before the supervisor starts, killed by this record at stop, deprovision and
+`corral gc` (which also ends what a start that crashed half-way left, and deprovisions
+orphaned bindings). The agent-uid ones also die with every process of the identity; the
+broker's human half (the owner's uid) also ends when its other half does.
 
 The owner's own process (exec) reads only the untrusted copy in the state (``state.session``):
 it decides nothing but the workload's environment, which the owner chooses anyway.
@@ -139,22 +142,22 @@ def record_supervisor(sandbox_id: str, started: Started | None) -> None:
 
 def start(path: str, state: store.SandboxState, plan: Plan) -> Started:
     """Start the sandbox as its agent identity; the owner may connect to its control socket.
-    A private display (``ui.disable: false``) is started detached, recorded in the binding."""
-    from corral.backends.session import prepare_session
+    A private display (``ui.disable: false``) and its clipboard broker are started detached,
+    recorded in the binding. The broker's human side is the display the starting process's
+    environment names (DISPLAY, XAUTHORITY, as for a one-shot run), reached as the owner."""
+    from corral.backends.session import human_display_from, prepare_session
 
     identity = identity_of(state.id, state.owner_uid)
     previous = trusted_supervisor(state.id)  # the state may lie about a running one
     if previous[0] is not None:
         kill_supervisor(previous[0], previous[1], 0)
     _kill_helpers(state.id)
-    if not plan.ui.disable and plan.ui.clipboard != "none":
-        raise BackendUnavailableError(
-            "a clipboard broker for a long-lived isolation_session sandbox is not built yet: "
-            "its start names no human display to broker with",
-            remediation='set "ui": {"clipboard": "none"}, or run the workload one-shot',
-        )
-    setup = prepare_session(plan, identity, human=None, detached=True)
+    human = None
+    if plan.ui.clipboard != "none":
+        human = human_display_from(os.environ, state.owner_uid)
+    setup = prepare_session(plan, identity, human=human, detached=True)
     try:
+        _record(state.id, "helpers", [_pid_and_start(pid) for pid in setup.helper_pids])
         started = start_supervisor(
             path,
             state,
@@ -165,7 +168,7 @@ def start(path: str, state: store.SandboxState, plan: Plan) -> Started:
     except BaseException:
         setup.close()
         raise
-    _record(state.id, "helpers", [_pid_and_start(pid) for pid in setup.let_go()])
+    setup.let_go()
     record_supervisor(state.id, started)
     return started
 
@@ -204,6 +207,13 @@ def end_processes(sandbox_id: str, owner_uid: int) -> None:
     _kill_helpers(sandbox_id)
     kill_processes_of(identity.uid)
     record_supervisor(sandbox_id, None)
+
+
+def end_stray_processes(sandbox_id: str, owner_uid: int) -> None:
+    """`corral gc` on a sandbox that is not started: whatever a start that crashed half-way
+    left running (display, broker, agent processes) is ended."""
+    with contextlib.suppress(LifecycleError):
+        end_processes(sandbox_id, owner_uid)
 
 
 def unbind(sandbox_id: str) -> None:

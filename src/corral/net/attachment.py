@@ -3,13 +3,15 @@ published ports and Corral's policy proxy, all owned by one :class:`NetworkAttac
 
 from __future__ import annotations
 
+import os
 import urllib.parse
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from corral.contract.extensions import build_corral_section
 from corral.contract.model import CorralNetworkSpec, NetworkSpec
-from corral.errors import BackendUnavailableError, CorralError, ErrorCode, PolicyError
+from corral.errors import CorralError, ErrorCode, PolicyError
 from corral.net import addresses, nft, ruleset, slirp
 from corral.plan import NetworkPlan
 
@@ -56,8 +58,7 @@ class NetworkAttachment:
 
             self._proxy = PolicyProxy(self._corral, audit=self._emit, **self._proxy_options)
             self._proxy.start()
-            dns_port = self._proxy.dns_port
-            self._service_ports = (("tcp", self._proxy.port), ("udp", dns_port), ("tcp", dns_port))
+            self._service_ports = _policy_proxy_ports(self._proxy.port, self._proxy.dns_port)
             self.ca_bundle_path = self._proxy.ca_bundle_path
             self.proxy_url_inside = f"http://{addresses.HOST_LOOPBACK_V4}:{self._proxy.port}"
         self._install(plan.spec, self._corral)
@@ -200,58 +201,102 @@ def _rewrite_proxy_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme.lower(), netloc, parts.path, parts.query, ""))
 
 
+@dataclass(frozen=True)
+class DetachedNetwork:
+    """What a long-lived sandbox's start must hand its workload."""
+
+    proxy_url_inside: str | None  # the proxy to name in the environment (10.0.2.2:PORT)
+    ca_bundle_path: str | None  # TLS interception: bind over the system bundle inside
+
+
 def attach_detached(
-    plan: NetworkPlan, *, pid: int, exit_fd: int, workdir: str, audit: Audit | None = None
-) -> str | None:
+    plan: NetworkPlan,
+    *,
+    pid: int,
+    exit_fd: int,
+    workdir: str,
+    audit: Audit | None = None,
+    sandbox: str | None = None,
+    audit_log: str | None = None,
+    proxy_options: dict[str, Any] | None = None,
+) -> DetachedNetwork:
     """Enforce ``plan`` on a sandbox that outlives the caller (a lifecycle supervisor).
 
-    Rules and published ports are installed now; slirp4netns is tied to ``exit_fd`` (the read
-    end of a pipe whose write end the supervisor holds), so it dies with the sandbox, not with
-    the caller. Its host-loopback link is always up and nftables alone decides
-    ``ingress.hostLoopback``, so :func:`replace_rules_in` can flip it later. Hostname rules
-    need the policy proxy, a thread of the caller: refused here. Returns the proxy URL the
-    sandbox must use (proxy mode), else None."""
+    Rules and published ports are installed now; slirp4netns and, for hostname rules, the
+    policy proxy (a process of its own, ``proxy_service``) are tied to ``exit_fd`` (the read
+    end of a pipe whose write end the supervisor holds), so they die with the sandbox, not
+    with the caller. ``workdir`` (created here, 0700) holds their sockets and logs. The proxy
+    audits to ``audit_log`` as sandbox ``sandbox``; ``proxy_options`` are for tests only
+    (see :func:`proxy_service.start`). Its host-loopback link is always up and nftables alone
+    decides ``ingress.hostLoopback``, so :func:`replace_rules_in` can flip it later."""
     corral = _corral_spec(plan.corral)
-    if corral.hosts_given:
-        raise BackendUnavailableError(
-            "corral.network.hosts (hostname and HTTP rules) needs the policy proxy, which runs "
-            "in the starting process and cannot yet outlive it for a long-lived sandbox",
-            remediation="use CIDR rules (network.egress) or runtimeConfig.networkProxy, or "
-            "run the workload one-shot",
-        )
     attachment = NetworkAttachment(pid, plan, audit)
-    if plan.mode == "proxy":
-        assert plan.proxy_url is not None, "proxy mode carries the proxy URL"
-        attachment._service_ports = (("tcp", _proxy_port(plan.proxy_url)),)
-        attachment._only_services = True
-        attachment.proxy_url_inside = _rewrite_proxy_url(plan.proxy_url)
-    attachment._install(plan.spec, corral)
-    link = slirp.start(pid, host_loopback=True, exit_fd=exit_fd, workdir=workdir)
+    os.mkdir(workdir, 0o700)
     try:
+        if plan.mode == "proxy":
+            assert plan.proxy_url is not None, "proxy mode carries the proxy URL"
+            attachment._service_ports = (("tcp", _proxy_port(plan.proxy_url)),)
+            attachment._only_services = True
+            attachment.proxy_url_inside = _rewrite_proxy_url(plan.proxy_url)
+        elif corral.hosts_given:
+            from corral.net import proxy_service
+
+            service = proxy_service.start(
+                plan.corral, exit_fd=exit_fd, workdir=workdir, sandbox=sandbox,
+                audit_log=audit_log, pid=pid, options=proxy_options,
+            )  # fmt: skip
+            attachment._proxy = service
+            attachment._service_ports = _policy_proxy_ports(service.port, service.dns_port)
+            attachment.ca_bundle_path = service.ca_bundle_path
+            attachment.proxy_url_inside = f"http://{addresses.HOST_LOOPBACK_V4}:{service.port}"
+        attachment._install(plan.spec, corral)
+        attachment._slirp = slirp.start(
+            pid, host_loopback=True, exit_fd=exit_fd, workdir=os.path.join(workdir, "slirp")
+        )
         for spec in corral.publish:
-            link.publish(spec)
+            attachment._slirp.publish(spec)
     except BaseException:
-        link.close()
+        attachment.close()
         raise
-    attachment._slirp = link
     attachment._emit({"event": "network.attach", "mode": plan.mode, "rules": attachment.describe()})
-    return attachment.proxy_url_inside
+    return DetachedNetwork(attachment.proxy_url_inside, attachment.ca_bundle_path)
 
 
-def replace_rules_in(pid: int, spec: NetworkSpec, corral_network: dict[str, Any]) -> list[str]:
+def replace_rules_in(
+    pid: int, spec: NetworkSpec, corral_network: dict[str, Any], *, workdir: str | None = None
+) -> list[str]:
     """Replace the rules of the sandbox whose network namespace ``pid`` is in, from any
     process allowed to enter it: the whole table in one nft transaction, so new connections
-    see either the old rules or the new ones. Returns the rules installed. The caller keeps
-    published ports unchanged (slirp4netns forwards them)."""
+    see either the old rules or the new ones, and hostname rules swapped in its policy proxy
+    (found in ``workdir``, as :func:`attach_detached` left it) before. Returns the rules
+    installed. The caller keeps published ports, hosts and tlsInterception unchanged."""
+    from corral.net import proxy_service
+
     corral = _corral_spec(corral_network)
-    if corral.hosts_given:
+    service = None if workdir is None else proxy_service.find(workdir)
+    if corral.hosts_given != (service is not None):
         raise PolicyError(
-            "corral.network.hosts cannot be set on a long-lived sandbox",
-            remediation="use CIDR rules (network.egress)",
+            "corral.network.hosts cannot be added or removed on a running sandbox",
+            remediation="stop it, set the policy, and start it again",
         )
+    proxy_rules: list[str] = []
     inputs = ruleset.RulesetInputs(spec, publish=corral.publish)
+    if service is not None and workdir is not None:
+        proxy_rules = proxy_service.replace_rules(workdir, corral_network)
+        inputs = ruleset.RulesetInputs(
+            spec,
+            publish=corral.publish,
+            service_ports=_policy_proxy_ports(service.port, service.dns_port),
+            dns_stub_port=service.dns_port,
+        )
     nft.run_in(pid, ruleset.render_table(inputs))
-    return [f"nftables: {r.meaning}: {r.nft}" for r in ruleset.render(inputs)]
+    lines = [f"nftables: {r.meaning}: {r.nft}" for r in ruleset.render(inputs)]
+    return lines + [f"policy-proxy: {line}" for line in proxy_rules]
+
+
+def _policy_proxy_ports(port: int, dns_port: int) -> tuple[tuple[str, int], ...]:
+    """What the sandbox may reach on the host's loopback: the proxy and its DNS stub."""
+    return (("tcp", port), ("udp", dns_port), ("tcp", dns_port))
 
 
 def proxy_url_inside(url: str) -> str:

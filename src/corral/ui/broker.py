@@ -1,45 +1,51 @@
-"""Corral's clipboard broker: the only path between the human's clipboard and a sandbox.
+"""Corral's clipboard broker: the only path between the human's clipboard and a sandbox's.
 
-The sandbox never reaches the human's display; instead this separate process polls the
-CLIPBOARD selection on the side(s) the policy lets it read and copies changes to the other
-side, in the allowed direction only:
+The sandbox never reaches the human's display. The broker is two halves (``relay.py``), one a
+client of each display, joined by one pipe per direction the policy allows:
 
-    read   human -> sandbox   (the agent may read what the human copied)
-    write  sandbox -> human   (the agent may set the human's clipboard)
-    all    both
+    read   human half ──pipe──► sandbox half    (the agent may read what the human copied)
+    write  human half ◄──pipe── sandbox half    (the agent may set the human's clipboard)
+    all    both pipes
 
-It reads the sandbox side only inside the private display's own namespaces, so nothing the
-agent does to its files can point it at another display. It ends when its private display does.
-Text only, capped at ``MAX_BYTES``.
+A half holds only the pipe ends of the allowed directions, so a ``read`` broker has no way
+from the sandbox to the human at all (and a ``write`` broker no way back), whatever runs in it.
 
-    python -m corral.ui.broker '<json BrokerConfig>'
+No half runs with root's authority:
+
+* the sandbox half runs as the agent uid, no-new-privs, inside the private display's own mount
+  and network namespaces (root enters them, then drops), where that display is the only one
+  reachable whatever the agent did to its files;
+* the human half runs as the uid the caller names (a long-lived sandbox: its owner), without
+  capabilities, with the DISPLAY/XAUTHORITY the caller names. The human's X server thus sees
+  the owner's own client: the broker reaches only what that user's xclip could, and never lends
+  root's credentials (root's cookie files, root's ``xhost +si:localuser:root``) to a name the
+  caller chose.
+
+The halves end with each other (a pipe hangs up), and the sandbox half with the private display
+(a pidfd of its server), so the broker never outlives the display it serves.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
+from corral.ui import relay
 from corral.ui.display import DisplayAddress
 
 Direction = Literal["read", "write", "all"]
-MAX_BYTES = 1 << 20
-POLL_SECONDS = 0.25
-_CLIENT_TIMEOUT = 3.0
-_OUT = ["xclip", "-o", "-selection", "clipboard"]
-_IN = ["xclip", "-i", "-quiet", "-selection", "clipboard"]
+_RELAY = os.path.abspath(relay.__file__)
 
 
 @dataclass(frozen=True)
 class HumanDisplay:
-    """The human's desktop as the caller names it; clients for it run as ``uid`` when given."""
+    """The human's desktop as the caller names it; its clients run as ``uid`` (default: the
+    caller's own), without capabilities."""
 
     display: str
     xauthority: str | None = None
@@ -47,14 +53,17 @@ class HumanDisplay:
     gid: int | None = None
 
     def client_command(self, argv: Sequence[str]) -> list[str]:
+        if self.uid is None:
+            uid, gid = os.getuid(), os.getgid()
+        else:
+            uid, gid = self.uid, self.uid if self.gid is None else self.gid
         env = ["env", "-i", f"DISPLAY={self.display}"]
         if self.xauthority:
             env.append(f"XAUTHORITY={self.xauthority}")
-        prefix: list[str] = []
-        if self.uid is not None:
-            gid = self.gid if self.gid is not None else self.uid
-            prefix = ["setpriv", f"--reuid={self.uid}", f"--regid={gid}", "--clear-groups", "--"]
-        return [*prefix, *env, *argv]
+        return [
+            "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--no-new-privs",
+            "--bounding-set=-all", "--inh-caps=-all", "--", *env, *argv,
+        ]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -63,117 +72,50 @@ class BrokerConfig:
     sandbox: DisplayAddress
     direction: Direction
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> BrokerConfig:
-        raw = json.loads(text)
-        return cls(HumanDisplay(**raw["human"]), DisplayAddress(**raw["sandbox"]), raw["direction"])
-
 
 class ClipboardBroker:
-    """The running broker process; ``close`` stops it (it also stops with the display)."""
+    """The two running halves. ``close`` ends them; ``detached`` ones (a long-lived sandbox)
+    run in sessions of their own and outlive the caller, to be ended by :attr:`pids`."""
 
-    def __init__(self, config: BrokerConfig) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "corral.ui.broker", config.to_json()],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": _package_root()},
-        )  # fmt: skip
+    def __init__(self, config: BrokerConfig, *, detached: bool = False) -> None:
+        self.halves: list[subprocess.Popen[bytes]] = []
+        human_ends: dict[str, int] = {}
+        sandbox_ends: dict[str, int] = {}
+        try:
+            if config.direction in ("read", "all"):
+                sandbox_ends["receive"], human_ends["send"] = os.pipe2(os.O_CLOEXEC)
+            if config.direction in ("write", "all"):
+                human_ends["receive"], sandbox_ends["send"] = os.pipe2(os.O_CLOEXEC)
+            sandbox_ends["display"] = os.pidfd_open(config.sandbox.server_pid)
+            for command, ends in (
+                (config.human.client_command, human_ends),
+                (config.sandbox.client_command, sandbox_ends),
+            ):
+                self.halves.append(_start_half(command, ends, detached))
+        except BaseException:
+            self.close()
+            raise
+        finally:  # the halves hold the only copies: a pipe hangs up when one of them ends
+            for fd in (*human_ends.values(), *sandbox_ends.values()):
+                os.close(fd)
+
+    @property
+    def pids(self) -> list[int]:
+        return [half.pid for half in self.halves]
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        for half in self.halves:
+            if half.poll() is None:
+                half.kill()
+            half.wait()
 
 
-def _package_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-class _Side:
-    """One clipboard: reads it, and owns it (an ``xclip -i`` holder) after a copy into it."""
-
-    def __init__(self, display: DisplayAddress | HumanDisplay) -> None:
-        self.display = display
-        self.last: bytes | None = None
-        self.holder: subprocess.Popen[bytes] | None = None
-
-    def read(self) -> bytes | None:
-        try:
-            done = subprocess.run(
-                self.display.client_command(_OUT), capture_output=True, timeout=_CLIENT_TIMEOUT
-            )
-        except subprocess.TimeoutExpired:
-            return None  # an owner that does not answer is an empty clipboard
-        if done.returncode != 0 or len(done.stdout) > MAX_BYTES:
-            return None
-        return done.stdout
-
-    def write(self, data: bytes) -> None:
-        self.release()
-        self.holder = subprocess.Popen(
-            self.display.client_command(_IN),
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        assert self.holder.stdin is not None
-        with contextlib.suppress(BrokenPipeError):
-            self.holder.stdin.write(data)
-        self.holder.stdin.close()
-        self.last = data
-
-    def release(self) -> None:
-        if self.holder is not None:
-            if self.holder.poll() is None:
-                self.holder.kill()
-            self.holder.wait()
-            self.holder = None
-
-
-def copy_changes(source: _Side, target: _Side) -> None:
-    data = source.read()
-    if data is None or data == source.last:
-        return
-    source.last = data
-    if data != target.last:
-        target.write(data)
-
-
-def run(config: BrokerConfig) -> int:
-    human = _Side(config.human)
-    sandbox = _Side(config.sandbox)
-    try:
-        while _alive(config.sandbox.server_pid):
-            if config.direction in ("read", "all"):
-                copy_changes(human, sandbox)
-            if config.direction in ("write", "all"):
-                copy_changes(sandbox, human)
-            time.sleep(POLL_SECONDS)
-    finally:
-        human.release()
-        sandbox.release()
-    return 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def main(argv: Sequence[str]) -> int:
-    import signal
-
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    return run(BrokerConfig.from_json(argv[1]))
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+def _start_half(
+    command: Callable[[Sequence[str]], list[str]], ends: dict[str, int], detached: bool
+) -> subprocess.Popen[bytes]:
+    argv = command([sys.executable, "-I", "-B", _RELAY, json.dumps(ends)])
+    return subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        pass_fds=tuple(ends.values()), env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+        start_new_session=detached,
+    )  # fmt: skip

@@ -13,7 +13,7 @@ import shutil
 from typing import TYPE_CHECKING
 
 from corral.backends.base import BackendInfo, LaunchOptions, SandboxProcess
-from corral.backends.microvm import accel, snapshot
+from corral.backends.microvm import accel, limits, snapshot
 from corral.backends.microvm import network as guest_network
 from corral.backends.microvm.image import (
     DEFAULT_CACHE_DIR,
@@ -23,7 +23,7 @@ from corral.backends.microvm.image import (
 )
 from corral.backends.microvm.process import GuestProcess
 from corral.backends.microvm.qemu import QEMU, Machine
-from corral.backends.microvm.vm import RUN_DIR, MicroVM
+from corral.backends.microvm.vm import MicroVM
 from corral.errors import BackendUnavailableError, CorralError, PolicyError
 from corral.plan import Plan
 
@@ -54,35 +54,51 @@ class MicrovmBackend:
         self._cache_dir = cache_dir
         self._fast_start = fast_start
         self._minimal_kernel = minimal_kernel
+        self._image: GuestImage | None = None
 
     def probe(self) -> BackendInfo:
         return _probe(self._guest_dir, self._cache_dir, self._minimal_kernel)
 
     def image(self) -> GuestImage:
-        return guest_image(self._guest_dir, self._cache_dir, prefer_minimal=self._minimal_kernel)
+        """The guest image, found (and built when missing) once per backend: hashing its
+        sources costs milliseconds at every boot otherwise."""
+        if self._image is None:
+            self._image = guest_image(
+                self._guest_dir, self._cache_dir, prefer_minimal=self._minimal_kernel
+            )
+        return self._image
 
     def accelerator(self) -> accel.Accelerator:
         """KVM if a probe guest really boots under it on this host (cached per boot), else TCG."""
-        return accel.choose(self.image(), RUN_DIR)
+        return accel.choose(self.image(), self._cache_dir)
 
-    def boot(self, plan: Plan, audit: Audit | None = None) -> MicroVM:
+    def boot(
+        self, plan: Plan, audit: Audit | None = None, *, cgroup_name: str | None = None
+    ) -> MicroVM:
         """A VM for ``plan`` (filesystem, resources, network), resumed from the idle snapshot when
-        fast start is on (the first call per image and machine boots once to save it)."""
+        fast start is on (the first call per image and machine boots once to save it).
+        ``cgroup_name``: the name of QEMU's cgroup when the plan has memory or CPU limits."""
         info = self.probe()
         if not info.available:
             raise BackendUnavailableError(f"the micro-VM backend is unavailable: {info.reason}")
         guest_network.check(plan.network, info.mechanisms)
         image = self.image()
         machine = machine_for(plan, self.accelerator().name)
-        fs, net = plan.filesystem, plan.network
+        boot = functools.partial(
+            MicroVM.boot, plan.filesystem, machine, image, network=plan.network, audit=audit,
+            host_limits=limits.for_guest(plan.resources.memory_mb, plan.resources.cpu_percent),
+            cgroup_name=cgroup_name,
+        )  # fmt: skip
         if not self._fast_start:
-            return MicroVM.boot(fs, machine, image, network=net, audit=audit)
+            return boot()
         saved = snapshot.ensure(image, machine, self._cache_dir)
         try:
-            return MicroVM.boot(fs, machine, image, snapshot=saved, network=net, audit=audit)
+            return boot(snapshot=saved)
+        except PolicyError:
+            raise  # a limit this host cannot set: not the snapshot's fault
         except CorralError:
             os.unlink(saved)  # a snapshot this QEMU cannot load: boot cold, save anew next time
-            return MicroVM.boot(fs, machine, image, network=net, audit=audit)
+            return boot()
 
     def launch(self, plan: Plan, options: LaunchOptions) -> SandboxProcess:
         """One shot: boot, run the plan's command, and shut the VM down when the handle closes."""
@@ -116,21 +132,14 @@ def machine_for(plan: Plan, accelerator: str) -> Machine:
             f"a micro-VM needs at least {MIN_MEMORY_MB} MiB of memory (asked: {memory})",
             remediation=f"raise corral.resources.memoryMb to {MIN_MEMORY_MB} or more",
         )
-    cpus = 1
-    if res.cpu_percent:
-        if res.cpu_percent % 100:
-            raise PolicyError(
-                "a micro-VM limits CPU in whole vCPUs (cpu limit a multiple of 100%); "
-                f"{res.cpu_percent}% would need a cgroup on QEMU, which this backend does not set",
-                remediation="use 100, 200, ... for microvm",
-            )
-        cpus = res.cpu_percent // 100
+    # vCPUs enough for the CPU share; QEMU's cgroup caps their time at exactly that share.
+    cpus = math.ceil(res.cpu_percent / 100) if res.cpu_percent else 1
     if cpus > (os.cpu_count() or 1):
         raise PolicyError(f"{cpus} vCPUs asked, the host has {os.cpu_count()} CPUs")
     return Machine(
         accelerator,
         memory,
-        math.ceil(cpus),
+        cpus,
         nic=plan.network.mode != "none",
         forwards=guest_network.forwards(plan.network),
     )
@@ -152,19 +161,26 @@ def _probe(guest_dir: str, cache_dir: str, minimal_kernel: bool) -> BackendInfo:
         )  # fmt: skip
     try:
         image = guest_image(guest_dir, cache_dir, prefer_minimal=minimal_kernel)
-        chosen = accel.choose(image, RUN_DIR)
+        chosen = accel.choose(image, cache_dir)
     except CorralError as exc:
         reason = exc.message + (f" ({exc.remediation})" if exc.remediation else "")
         return BackendInfo(NAME, False, reason, containments=CONTAINMENTS)
     mechanisms = {
-        "hypervisor": f"{QEMU} -M microvm, accel={chosen.name}: {chosen.detail}; guest {image.kernel_version}",
+        "hypervisor": f"{QEMU} -M microvm, accel={chosen.name}: {chosen.detail}; guest {image.kernel_version}"
+        + (
+            "; guest runs with norandmaps and mitigations=off (TCG: see docs/microvm.md)"
+            if chosen.name == "tcg"
+            else ""
+        ),
         "guest-filesystem": "virtio-9p export of a staged root: read-only binds for read-only grants",
         "mount-namespace": "QEMU runs in a private mount namespace holding only the granted paths "
         "(denied paths covered), the 9p export's sole source",
         "network-namespace": "QEMU runs in a private network namespace; the guest has no "
         "network device unless the plan has network rules",
-        "guest-memory": "guest RAM = corral.resources.memoryMb (default 256 MiB)",
-        "guest-cpus": "vCPUs = corral.resources cpu / 100 (whole CPUs only)",
+        "guest-memory": "guest RAM = corral.resources.memoryMb (default 256 MiB); QEMU in a "
+        f"memory cgroup of that + {limits.QEMU_OVERHEAD_MB} MiB",
+        "guest-cpus": "vCPUs = corral.resources cpu / 100, rounded up; QEMU's CPU time capped "
+        "at that share by a cpu cgroup",
         **guest_network.mechanisms(),
     }
     return BackendInfo(NAME, True, mechanisms=mechanisms, containments=CONTAINMENTS)

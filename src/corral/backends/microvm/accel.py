@@ -2,7 +2,8 @@
 
 /dev/kvm existing proves little (this machine kind's /dev/kvm is a paravirtual PVM hypervisor
 on which stock guest kernels crawl or crash), so the probe boots the real guest with
-``-accel kvm`` under a short deadline and falls back to TCG. The verdict is cached per host boot.
+``-accel kvm`` under a short deadline and falls back to TCG. The verdict is cached per host boot
+(the boot id is part of the key) in the image cache, so every run directory shares it.
 """
 
 from __future__ import annotations

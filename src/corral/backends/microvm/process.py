@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import select
 import socket
+import struct
+import termios
 import threading
+import tty
 from collections.abc import Callable
 from typing import IO
 
@@ -13,6 +18,7 @@ from corral.backends.base import LaunchOptions, SandboxProcess, StdioMode
 from corral.backends.microvm import protocol
 
 _KILL_GRACE = 5.0  # seconds the agent gets to report a killed workload before QEMU dies
+_WINDOW_POLL_S = 0.1  # how often a terminal's size is checked for changes to pass on
 
 
 class Channel:
@@ -50,7 +56,18 @@ class GuestProcess(SandboxProcess):
         options: LaunchOptions,
         on_close: Callable[[], None],
         hard_kill: Callable[[], None],
+        stdio: tuple[int, int, int] | None = None,
+        terminal: int | None = None,
     ) -> None:
+        """``stdio``: descriptors the workload's stdin, stdout and stderr go to directly (a
+        lifecycle caller's, received over the control socket), taken over and closed at the
+        end; ``terminal``: the slave side of a host pty (a lifecycle caller's) relayed to a
+        terminal in the guest, taken over likewise; ``options``' modes apply otherwise (with
+        ``options.pty``, a new host pty whose master is ``pty_fd``).
+
+        A terminal exec runs on the guest's own pty (its line discipline is the one that
+        counts); the host pty is put in raw mode and relayed byte for byte, and its window size
+        is passed on whenever it changes (polled: the relay is not the pty's session)."""
         self.pid = pid
         self._channel = channel
         self._close_callbacks = [on_close]
@@ -60,10 +77,26 @@ class GuestProcess(SandboxProcess):
         self._closed = False
         self._done = threading.Event()
         self._exit_r, self._exit_w = os.pipe()
-        out_sink, self.stdout = _sink(options.stdout, 1)
-        err_sink, self.stderr = _sink(options.stderr, 2)
-        stdin_source = self._stdin_source(options.stdin)
-        channel.send(protocol.EXEC, exec_payload)
+        stdin_source: int | None
+        out_sink: int | None
+        err_sink: int | None
+        self._terminal = terminal
+        if options.pty is not None and terminal is None:
+            self.pty_fd, self._terminal = os.openpty()
+            _set_window(self.pty_fd, *options.pty)
+        if self._terminal is not None:
+            tty.setraw(self._terminal)
+            stdin_source, out_sink, err_sink = os.dup(self._terminal), self._terminal, None
+            self._window = _window_of(self._terminal)
+            exec_payload = self._window + exec_payload
+        elif stdio is not None:
+            stdin_source, out_sink, err_sink = stdio
+        else:
+            out_sink, self.stdout = _sink(options.stdout, 1)
+            err_sink, self.stderr = _sink(options.stderr, 2)
+            stdin_source = self._stdin_source(options.stdin)
+        kind = protocol.EXEC if self._terminal is None else protocol.EXEC_TTY
+        channel.send(kind, exec_payload)
         self._threads = [
             threading.Thread(target=self._pump, args=(out_sink, err_sink), daemon=True)
         ]
@@ -109,9 +142,27 @@ class GuestProcess(SandboxProcess):
         for stream in (self.stdin, self.stdout, self.stderr):
             if stream is not None:
                 stream.close()
+        if self.pty_fd is not None:
+            os.close(self.pty_fd)
         os.close(self._exit_r)
         for callback in self._close_callbacks:
             callback()
+
+    def resize(self, rows: int, columns: int) -> None:
+        if self.pty_fd is None:
+            raise RuntimeError("this workload was not started with a pty")
+        _set_window(self.pty_fd, rows, columns)
+        self._pass_window()
+
+    def _pass_window(self) -> None:
+        """Send the terminal's size to the guest when it changed since last sent."""
+        if self._terminal is None or self._done.is_set():
+            return  # the relay (and the host pty it reads) ends with the workload
+        with contextlib.suppress(OSError):
+            window = _window_of(self._terminal)
+            if window != self._window:
+                self._window = window
+                self._channel.send(protocol.RESIZE, window)
 
     def add_close_callback(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` after close() released the process (the one-shot VM's shutdown)."""
@@ -133,10 +184,15 @@ class GuestProcess(SandboxProcess):
     def _feed(self, source: int) -> None:
         """Forward stdin until it ends or the workload exits (the exit pipe wakes it, so an open
         stdin the workload never reads cannot outlive it and leak into the next exec)."""
+        poll = _WINDOW_POLL_S if self._terminal is not None else None
         try:
             while True:
-                if self._exit_r in select.select([source, self._exit_r], [], [])[0]:
+                ready = select.select([source, self._exit_r], [], [], poll)[0]
+                if self._exit_r in ready:
                     break
+                if not ready:  # a terminal's poll interval
+                    self._pass_window()
+                    continue
                 data = os.read(source, 1 << 16)
                 if self._done.is_set():
                     break
@@ -198,3 +254,12 @@ def _write(fd: int | None, data: bytes) -> None:
             view = view[os.write(fd, view) :]
     except BrokenPipeError:
         pass  # the reader closed its end; keep draining the guest
+
+
+def _window_of(terminal: int) -> bytes:
+    rows, columns, _, _ = struct.unpack("HHHH", fcntl.ioctl(terminal, termios.TIOCGWINSZ, bytes(8)))
+    return protocol.window(rows, columns)
+
+
+def _set_window(terminal: int, rows: int, columns: int) -> None:
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))

@@ -15,6 +15,8 @@ READY = b"H"
 MOUNT = b"M"
 MOUNTED = b"A"
 EXEC = b"X"
+EXEC_TTY = b"T"  # exec on a guest terminal: rows, columns (2-byte big-endian), then X's payload
+RESIZE = b"W"  # the guest terminal's new rows, columns
 STDIN = b"I"
 SIGNAL = b"S"
 KILL = b"K"
@@ -51,6 +53,10 @@ def _read_exactly(sock: socket.socket, n: int) -> bytes:
 
 def mount_payload(options: str, tmpfs_paths: Sequence[str]) -> bytes:
     return b"".join(s.encode() + b"\0" for s in (options, *tmpfs_paths))
+
+
+def window(rows: int, columns: int) -> bytes:
+    return struct.pack(">HH", rows, columns)
 
 
 def exec_payload(cwd: str, argv: Sequence[str], env: Mapping[str, str]) -> bytes:

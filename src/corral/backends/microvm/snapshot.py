@@ -7,6 +7,7 @@ memory, including its kernel's random pool: reseed it before trusting guest-side
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import subprocess
@@ -33,9 +34,15 @@ def ensure(image: GuestImage, machine: qemu.Machine, cache_dir: str) -> str:
 
 
 def _key(image: GuestImage, machine: qemu.Machine) -> str:
-    version = subprocess.run(
-        [qemu.QEMU, "--version"], capture_output=True, text=True, timeout=10
-    ).stdout
+    version = _qemu_version()
     devices = " ".join(qemu.argv(image, machine, "STAGE", "LOG"))  # the shape the state must fit
     parts = (devices, version)
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+@functools.cache
+def _qemu_version() -> str:
+    """Asked once per process: spawning QEMU costs ~25 ms, a visible part of a restore."""
+    return subprocess.run(
+        [qemu.QEMU, "--version"], capture_output=True, text=True, timeout=10
+    ).stdout

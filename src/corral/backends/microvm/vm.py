@@ -3,7 +3,8 @@
 ``MicroVM.boot`` starts QEMU in its own mount and network namespaces (see ``stage``), waits
 for the guest agent and has it mount the shared root; ``exec`` runs one command in the guest;
 ``shutdown`` kills QEMU and removes the run directory. QEMU also dies with the thread that
-booted it (PR_SET_PDEATHSIG), and a later boot sweeps run directories left by a killed caller.
+booted it (PR_SET_PDEATHSIG), and a later boot (or `corral gc`: ``sweep_stale``) sweeps run
+directories left by a killed caller, with their cgroup.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from corral.backends.base import LaunchOptions
-from corral.backends.microvm import protocol, qemu, stage
+from corral.backends.microvm import limits, protocol, qemu, stage
 from corral.backends.microvm.image import GuestImage
+from corral.backends.microvm.limits import HostLimits
 from corral.backends.microvm.process import Channel, GuestProcess
 from corral.errors import BackendUnavailableError, CorralError
+from corral.kernel.cgroups import Cgroup, PreparedCgroupJoin
 from corral.kernel.privileges import PreparedPrivileges
 from corral.plan import NetworkPlan
 from corral.policy.filesystem import FilesystemPolicy
@@ -33,8 +36,13 @@ if TYPE_CHECKING:
     from corral.net import NetworkAttachment
     from corral.net.attachment import Audit
 
-RUN_DIR = os.environ.get("CORRAL_RUN_DIR", "/run/corral") + "/microvm"
-_OWNER = "qemu.pid"
+RUN_SUBDIR = "microvm"  # of Corral's run directory (the lifecycle's, $CORRAL_RUN_DIR)
+RUN_DIR = os.path.join(os.environ.get("CORRAL_RUN_DIR", "/run/corral"), RUN_SUBDIR)
+_QEMU_PID = "qemu.pid"
+# "<pid> <start> <QEMU's start>" of the process that booted the VM: QEMU outliving it is an orphan
+_OWNER = "owner"
+_CGROUP = "cgroup"  # the name of QEMU's cgroup, when it has one
+_STALE_BOOT_S = 60  # a run directory without QEMU this old is a boot that died before QEMU ran
 
 
 class MicroVM:
@@ -46,9 +54,11 @@ class MicroVM:
         rundir: str,
         machine: qemu.Machine,
         view: stage.Stage,
+        cgroup: Cgroup | None,
     ) -> None:
         self.machine = machine
         self.pid = proc.pid
+        self.cgroup = cgroup
         self._proc = proc
         self._channel = Channel(agent)
         self._qmp = qemu.Qmp(monitor)
@@ -68,14 +78,19 @@ class MicroVM:
         boot_timeout: float = 60.0,
         network: NetworkPlan | None = None,
         audit: Audit | None = None,
+        host_limits: HostLimits | None = None,
+        cgroup_name: str | None = None,
     ) -> MicroVM:
         """Boot a guest that sees ``fs``; with ``snapshot`` (written by save() from an idle VM of
         the same image and machine), resume that guest instead of booting a kernel.
         ``network`` (mode rules or proxy; the machine must have a NIC): corral.net enforces it
-        on QEMU's network namespace before the guest runs anything."""
+        on QEMU's network namespace before the guest runs anything. ``host_limits``: QEMU runs
+        in a cgroup with them, named ``cgroup_name`` (default: after the run directory)."""
         if (network is not None and network.mode != "none") != machine.nic:
             raise CorralError("a micro-VM has a NIC exactly when its plan has network rules")
-        vm = cls._start(fs, machine, image, incoming=snapshot)
+        vm = cls._start(
+            fs, machine, image, incoming=snapshot, host_limits=host_limits, cgroup_name=cgroup_name
+        )
         try:
             if network is not None and network.mode != "none":
                 from corral import net
@@ -106,7 +121,14 @@ class MicroVM:
 
     @classmethod
     def _start(
-        cls, fs: FilesystemPolicy, machine: qemu.Machine, image: GuestImage, *, incoming: str | None
+        cls,
+        fs: FilesystemPolicy,
+        machine: qemu.Machine,
+        image: GuestImage,
+        *,
+        incoming: str | None,
+        host_limits: HostLimits | None = None,
+        cgroup_name: str | None = None,
     ) -> MicroVM:
         os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
         sweep_stale(RUN_DIR)
@@ -114,6 +136,18 @@ class MicroVM:
         view = stage.plan_stage(fs, rundir)
         os.mkdir(view.root)
         os.mkdir(view.covers)
+        cgroup, join = None, None
+        if host_limits is not None:
+            name = cgroup_name or os.path.basename(rundir)
+            _write_file(f"{rundir}/{_CGROUP}", name)  # before it exists: a sweep finds it
+            try:
+                cgroup = limits.create(name, host_limits)
+                join = cgroup.prepare_join()
+            except BaseException:
+                if cgroup is not None:
+                    cgroup.remove()
+                shutil.rmtree(rundir, ignore_errors=True)
+                raise
         agent, agent_peer = socket.socketpair()
         monitor, monitor_peer = socket.socketpair()
         argv = qemu.argv(image, machine, view.root, f"{rundir}/console.log")
@@ -121,6 +155,7 @@ class MicroVM:
             argv += ["-incoming", f"exec:cat {_shell_quote(incoming)}"]
         privileges = stage.qemu_privileges()
         parent = os.getpid()
+        parent_start = _start_time(parent)
         log = open(f"{rundir}/qemu.log", "wb")  # noqa: SIM115 - handed to the child, closed below
         try:
             proc = subprocess.Popen(
@@ -132,12 +167,14 @@ class MicroVM:
                 # thread's socket may hold one, or none), which fails the spawn with EBADF.
                 close_fds=False,
                 preexec_fn=lambda: _child_setup(
-                    view, privileges, parent, agent_peer.fileno(), monitor_peer.fileno()
+                    view, privileges, parent, agent_peer.fileno(), monitor_peer.fileno(), join
                 ),
             )
         except (OSError, subprocess.SubprocessError) as exc:
             agent.close()
             monitor.close()
+            if cgroup is not None:
+                cgroup.remove()
             shutil.rmtree(rundir, ignore_errors=True)
             raise BackendUnavailableError(
                 f"cannot start {qemu.QEMU}: {exc}", remediation="apt-get install qemu-system-x86"
@@ -146,9 +183,12 @@ class MicroVM:
             log.close()
             agent_peer.close()
             monitor_peer.close()
-        with open(f"{rundir}/{_OWNER}", "w") as f:
-            f.write(str(proc.pid))
-        return cls(proc, agent, monitor, rundir, machine, view)
+            if join is not None:
+                join.close()
+        _write_file(f"{rundir}/{_QEMU_PID}", str(proc.pid))
+        # last: a run directory without it is a boot in progress to a concurrent sweep
+        _write_file(f"{rundir}/{_OWNER}", f"{parent} {parent_start} {_start_time(proc.pid)}")
+        return cls(proc, agent, monitor, rundir, machine, view, cgroup)
 
     def exec(
         self,
@@ -158,13 +198,18 @@ class MicroVM:
         env: Mapping[str, str],
         timeout_ms: int = 0,
         options: LaunchOptions | None = None,
+        stdio: tuple[int, int, int] | None = None,
+        terminal: int | None = None,
+        wait_s: float = 0.0,
     ) -> GuestProcess:
-        """Run ``argv`` in the guest; the previous process must be closed first."""
+        """Run ``argv`` in the guest; the previous process must be closed first (within
+        ``wait_s`` seconds). ``stdio``: the workload's stdin, stdout and stderr descriptors,
+        or ``terminal``: the slave of a host pty (taken over), instead of ``options``' modes
+        (``options.pty``: a terminal in the guest, the host side of it as ``pty_fd``)."""
         options = options or LaunchOptions()
         env = self._with_proxy(env)
-        if options.pty is not None:
-            raise BackendUnavailableError("the micro-VM agent does not offer a terminal (pty) yet")
-        if not self._busy.acquire(blocking=False):
+        free = self._busy.acquire(timeout=wait_s) if wait_s > 0 else self._busy.acquire(False)
+        if not free:
             raise CorralError("this micro-VM is already running a workload; close it first")
         try:
             return GuestProcess(
@@ -175,6 +220,8 @@ class MicroVM:
                 options=options,
                 on_close=self._busy.release,
                 hard_kill=self.shutdown,
+                stdio=stdio,
+                terminal=terminal,
             )
         except BaseException:
             self._busy.release()
@@ -193,8 +240,12 @@ class MicroVM:
         if status != "completed":
             raise CorralError(f"saving the micro-VM failed: {self._console_tail()}")
 
+    def wait(self) -> int:
+        """Block until QEMU exits (the VM died or was shut down); its exit status."""
+        return self._proc.wait()
+
     def shutdown(self) -> None:
-        """Kill QEMU and remove every file of this VM (idempotent)."""
+        """Kill QEMU and remove every file of this VM, and its cgroup (idempotent)."""
         if self._proc.poll() is None:
             self._proc.send_signal(signal.SIGKILL)
         self._proc.wait()
@@ -202,6 +253,8 @@ class MicroVM:
             self._network.close()
         self._channel.close()
         self._qmp.close()
+        if self.cgroup is not None:
+            self.cgroup.remove()
         shutil.rmtree(self._rundir, ignore_errors=True)
 
     def _with_proxy(self, env: Mapping[str, str]) -> Mapping[str, str]:
@@ -260,8 +313,15 @@ class MicroVM:
 
 
 def _child_setup(
-    plan: stage.Stage, privileges: PreparedPrivileges, parent: int, agent_fd: int, monitor_fd: int
+    plan: stage.Stage,
+    privileges: PreparedPrivileges,
+    parent: int,
+    agent_fd: int,
+    monitor_fd: int,
+    join: PreparedCgroupJoin | None,
 ) -> None:
+    if join is not None:
+        join.apply()  # before QEMU allocates anything: all of its memory is charged there
     high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (agent_fd, monitor_fd)]
     os.dup2(high[0], qemu.AGENT_FD)
     os.dup2(high[1], qemu.QMP_FD)
@@ -269,29 +329,90 @@ def _child_setup(
     stage.enter(plan, privileges, parent)
 
 
-def sweep_stale(run_dir: str) -> None:
-    """Remove run directories whose QEMU is gone (a caller killed before its cleanup ran)."""
+def sweep_stale(run_dir: str) -> list[str]:
+    """Remove run directories whose QEMU is gone (a caller killed before its cleanup ran) and
+    kill a QEMU that outlived the process that booted it; each with its cgroup. Returns the
+    run directories removed."""
+    removed = []
     for name in os.listdir(run_dir):
         path = os.path.join(run_dir, name)
-        try:
-            with open(os.path.join(path, _OWNER)) as f:
-                pid = int(f.read())
-        except (OSError, ValueError):
-            if time.time() - os.stat(path).st_mtime > 60:  # a boot that died before QEMU ran
-                shutil.rmtree(path, ignore_errors=True)
+        if not name.startswith("vm-") or not os.path.isdir(path):
             continue
-        if not _is_qemu(pid):
-            shutil.rmtree(path, ignore_errors=True)
+        owner = _read_ints(f"{path}/{_OWNER}")
+        if len(owner) != 3:
+            if time.time() - os.stat(path).st_mtime < _STALE_BOOT_S:
+                continue  # a boot in progress
+        elif _alive(owner[0], owner[1]) and _is_qemu(_qemu_pid(path), owner[2]):
+            continue
+        else:
+            _kill_qemu(_qemu_pid(path), owner[2])
+        cgroup = _read_text(f"{path}/{_CGROUP}")
+        if cgroup:
+            limits.remove_named(cgroup)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
 
-def _is_qemu(pid: int) -> bool:
-    """A live (not zombie: this host's PID 1 may never reap orphans) QEMU process."""
+def _kill_qemu(pid: int, start: int) -> None:
+    """SIGKILL an orphaned QEMU (not our child: wait until it is gone or a zombie)."""
+    if not _is_qemu(pid, start):
+        return
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while _is_qemu(pid, start) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _qemu_pid(rundir: str) -> int:
+    pid = _read_ints(f"{rundir}/{_QEMU_PID}")
+    return pid[0] if pid else 0
+
+
+def _stat_fields(pid: int) -> tuple[str, list[str]] | None:
+    """(comm, the fields after it) of a process in /proc, None when it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            comm, _, rest = f.read().partition(") ")
+            comm, _, rest = f.read().rpartition(") ")
     except OSError:
-        return False
-    return comm.endswith("(qemu-system-x86") and not rest.startswith("Z")
+        return None
+    return comm.partition("(")[2], rest.split()
+
+
+def _start_time(pid: int) -> int:
+    fields = _stat_fields(pid)
+    return int(fields[1][19]) if fields else 0
+
+
+def _alive(pid: int, start: int) -> bool:
+    """A live (not zombie: this host's PID 1 may never reap orphans) process started at ``start``."""
+    fields = _stat_fields(pid)
+    return fields is not None and fields[1][0] not in "ZX" and int(fields[1][19]) == start
+
+
+def _is_qemu(pid: int, start: int) -> bool:
+    fields = _stat_fields(pid)
+    return _alive(pid, start) and fields is not None and fields[0].startswith("qemu-system-x86")
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _read_ints(path: str) -> list[int]:
+    try:
+        return [int(v) for v in _read_text(path).split()]
+    except ValueError:
+        return []
+
+
+def _write_file(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def _shell_quote(path: str) -> str:

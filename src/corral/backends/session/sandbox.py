@@ -54,13 +54,19 @@ class SessionSetup:
                 MountStep("symlink", X11_SOCKET_DIR, target=self.display.address.socket_dir)
             )
 
-    def let_go(self) -> list[int]:
-        """Leave a detached display running for a long-lived sandbox; the pids to stop later."""
-        self._closed = True
+    @property
+    def helper_pids(self) -> list[int]:
+        """The display's and the broker's processes: what a long-lived sandbox records."""
         if self.display is None:
             return []
-        self.display.let_go()
-        return [self.display.address.server_pid]
+        return [self.display.address.server_pid, *(self.broker.pids if self.broker else [])]
+
+    def let_go(self) -> None:
+        """Leave a detached display and broker running for a long-lived sandbox (its owner
+        stops them by :attr:`helper_pids`)."""
+        self._closed = True
+        if self.display is not None:
+            self.display.let_go()
 
     def close(self) -> None:
         """Stop the broker and the display (idempotent). The identity is released apart."""
@@ -82,7 +88,7 @@ def prepare_session(
     plan: Plan, identity: AgentIdentity, *, human: HumanDisplay | None, detached: bool = False
 ) -> SessionSetup:
     """The session plan for ``identity``, with its display and broker running. ``detached``
-    (a long-lived sandbox): the display outlives the caller, see :meth:`SessionSetup.let_go`."""
+    (a long-lived sandbox): both outlive the caller, see :meth:`SessionSetup.let_go`."""
     _check_ui(plan, human)
     filesystem = _session_filesystem(plan, identity)
     _grant_human_paths(plan, identity)
@@ -102,7 +108,7 @@ def prepare_session(
             if plan.ui.clipboard != "none":
                 assert human is not None and plan.ui.clipboard in ("read", "write", "all")
                 config = BrokerConfig(human, setup.display.address, plan.ui.clipboard)
-                setup.broker = ClipboardBroker(config)
+                setup.broker = ClipboardBroker(config, detached=detached)
         assert plan.request.process is not None
         cwd = plan.cwd if plan.request.process.cwd is not None else identity.workspace
         setup.plan = dataclasses.replace(plan, filesystem=filesystem, env=env, cwd=cwd)

@@ -3,6 +3,8 @@
  * A frame is one type byte, a 4-byte big-endian payload length, then the payload.
  *   host -> guest: M mount the shared root (payload: 9p options NUL, then tmpfs paths NUL each)
  *                  X exec (payload: cwd NUL argc NUL argv... NUL env... NUL)
+ *                  T exec on a terminal (payload: rows, columns as 2-byte big-endian, then X's)
+ *                  W resize the terminal (rows, columns as 2-byte big-endian)
  *                  I stdin data (empty = end of input)   S signal the workload (1 byte)
  *                  K kill every workload process   N entropy to mix into the guest's random pool
  *   guest -> host: H ready   A mounted   O stdout   R stderr   Q exit status (4 bytes)   E error text
@@ -27,6 +29,7 @@
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <unistd.h>
 
 #define ROOT "/newroot"
@@ -55,10 +58,19 @@ static int read_all(int fd, char *buf, size_t n) {
     return 0;
 }
 
+/* One write per frame when it fits: every write to the port is a round trip to QEMU, which
+ * costs tens of microseconds under emulation. */
 static void send_frame(char type, const void *data, uint32_t n) {
+    static char buf[5 + CHUNK];
     char hdr[5] = {type, (char)(n >> 24), (char)(n >> 16), (char)(n >> 8), (char)n};
+    if (n <= CHUNK) {
+        memcpy(buf, hdr, sizeof hdr);
+        if (n) memcpy(buf + sizeof hdr, data, n);
+        write_all(port, buf, sizeof hdr + n);
+        return;
+    }
     write_all(port, hdr, sizeof hdr);
-    if (n) write_all(port, data, n);
+    write_all(port, data, n);
 }
 
 static void send_error(const char *what, const char *path) {
@@ -135,6 +147,7 @@ static int exit_code(int status) {
 
 static void child(const char *cwd, char **argv, char **envp, int in, int out, int err) {
     setsid();
+    if (isatty(in)) ioctl(in, TIOCSCTTY, 0); /* a terminal exec: it becomes the session's */
     dup2(in, 0);
     dup2(out, 1);
     dup2(err, 2);
@@ -151,8 +164,16 @@ static void child(const char *cwd, char **argv, char **envp, int in, int out, in
     _exit(127);
 }
 
-/* Forwards output and input until the workload and every process it left behind are gone. */
-static void supervise(pid_t pid, int sigfd, int in, int out, int err) {
+static void set_size(int tty, const unsigned char *size) {
+    struct winsize ws = {.ws_row = (unsigned short)(size[0] << 8 | size[1]),
+                         .ws_col = (unsigned short)(size[2] << 8 | size[3])};
+    ioctl(tty, TIOCSWINSZ, &ws);
+}
+
+/* Forwards output and input until the workload and every process it left behind are gone.
+ * ``tty``: the terminal's master side for a terminal exec (else -1); ``in`` is then a dup of it
+ * and ``err`` is -1 (the workload's three streams are the terminal). */
+static void supervise(pid_t pid, int sigfd, int in, int out, int err, int tty) {
     char *pending = NULL; /* stdin bytes the workload has not read yet */
     size_t npending = 0;
     int stdin_done = 0, status = -1;
@@ -195,10 +216,6 @@ static void supervise(pid_t pid, int sigfd, int in, int out, int err) {
                 npending = 0; /* the workload closed its stdin */
             }
         }
-        if (in >= 0 && stdin_done && !npending) {
-            close(in);
-            in = -1;
-        }
         if (fds[0].revents) {
             char type;
             uint32_t n;
@@ -210,12 +227,20 @@ static void supervise(pid_t pid, int sigfd, int in, int out, int err) {
                 if (!pending) _exit(5);
                 memcpy(pending + npending, payload, n);
                 npending += n;
+            } else if (type == 'W' && n == 4 && tty >= 0) {
+                set_size(tty, (unsigned char *)payload);
             } else if (type == 'S' && n == 1) {
                 kill(-pid, (unsigned char)payload[0]);
             } else if (type == 'K') {
                 kill(-1, SIGKILL);
             }
             free(payload);
+        }
+        /* After the frame: an end of input that arrives once everything was written must close
+         * the pipe now, or a workload waiting for it (say `tr`, which buffers) never wakes us. */
+        if (in >= 0 && stdin_done && !npending) {
+            close(in);
+            in = -1;
         }
     }
     if (in >= 0) close(in);
@@ -226,7 +251,8 @@ static void supervise(pid_t pid, int sigfd, int in, int out, int err) {
     send_frame('Q', be, 4);
 }
 
-static void run(char *payload, uint32_t n, int sigfd) {
+/* ``size``: rows and columns for a terminal exec (T), NULL for pipes (X). */
+static void run(char *payload, uint32_t n, int sigfd, const unsigned char *size) {
     char *end = payload + n, *p = payload;
     const char *cwd = p;
     p += strlen(p) + 1;
@@ -237,8 +263,23 @@ static void run(char *payload, uint32_t n, int sigfd) {
     if (!argv || !envp || argc < 1) _exit(5);
     for (int i = 0; i < argc && p < end; i++, p += strlen(p) + 1) argv[i] = p;
     for (size_t i = 0; p < end; i++, p += strlen(p) + 1) envp[i] = p;
-    int in[2], out[2], err[2];
-    if (pipe2(in, O_CLOEXEC) || pipe2(out, O_CLOEXEC) || pipe2(err, O_CLOEXEC)) {
+    int in[2], out[2], err[2], tty = -1;
+    if (size) { /* the guest's own terminal: master here, the peer is all three streams */
+        tty = open(ROOT "/dev/pts/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC);
+        int unlock = 0;
+        int peer = tty < 0 || ioctl(tty, TIOCSPTLCK, &unlock) ? -1 : ioctl(tty, TIOCGPTPEER, O_RDWR | O_NOCTTY);
+        if (peer < 0) {
+            if (tty >= 0) close(tty);
+            free(argv);
+            free(envp);
+            return send_error("open a terminal", ROOT "/dev/pts/ptmx");
+        }
+        set_size(tty, size);
+        in[0] = out[1] = err[1] = peer;
+        in[1] = fcntl(tty, F_DUPFD_CLOEXEC, 0);
+        out[0] = tty;
+        err[0] = -1;
+    } else if (pipe2(in, O_CLOEXEC) || pipe2(out, O_CLOEXEC) || pipe2(err, O_CLOEXEC)) {
         free(argv);
         free(envp);
         return send_error("pipe", "");
@@ -246,18 +287,20 @@ static void run(char *payload, uint32_t n, int sigfd) {
     pid_t pid = fork();
     if (pid == 0) child(cwd, argv, envp, in[0], out[1], err[1]);
     close(in[0]);
-    close(out[1]);
-    close(err[1]);
+    if (!size) {
+        close(out[1]);
+        close(err[1]);
+    }
     free(argv);
     free(envp);
     if (pid < 0) {
         close(in[1]);
         close(out[0]);
-        close(err[0]);
+        if (err[0] >= 0) close(err[0]);
         return send_error("fork", "");
     }
     fcntl(in[1], F_SETFL, O_NONBLOCK);
-    supervise(pid, sigfd, in[1], out[0], err[0]);
+    supervise(pid, sigfd, in[1], out[0], err[0], tty);
 }
 
 int main(int argc, char **argv) {
@@ -280,7 +323,8 @@ int main(int argc, char **argv) {
         char *payload = read_frame(&type, &n);
         if (type == 'N') reseed(payload, n);
         else if (type == 'M') setup_root(payload, n);
-        else if (type == 'X') run(payload, n, sigfd);
+        else if (type == 'X') run(payload, n, sigfd, NULL);
+        else if (type == 'T' && n >= 4) run(payload + 4, n - 4, sigfd, (unsigned char *)payload);
         /* stdin, signals and kills arriving between execs belong to no workload */
         free(payload);
         while (waitpid(-1, NULL, WNOHANG) > 0) {}
