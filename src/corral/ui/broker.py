@@ -39,7 +39,10 @@ from corral.ui import relay
 from corral.ui.display import DisplayAddress
 
 Direction = Literal["read", "write", "all"]
-_RELAY = os.path.abspath(relay.__file__)
+# Run from its source text, not its path: the sandbox half runs in the private display's
+# mount namespace, whose private /tmp hides a checkout that lives there.
+with open(relay.__file__, encoding="utf-8") as _source:
+    _RELAY_SOURCE = _source.read()
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,7 @@ class ClipboardBroker:
 def _start_half(
     command: Callable[[Sequence[str]], list[str]], ends: dict[str, int], detached: bool
 ) -> subprocess.Popen[bytes]:
-    argv = command([sys.executable, "-I", "-B", _RELAY, json.dumps(ends)])
+    argv = command([sys.executable, "-I", "-B", "-c", _RELAY_SOURCE, json.dumps(ends)])
     return subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         pass_fds=tuple(ends.values()), env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
