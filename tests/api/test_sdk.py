@@ -126,3 +126,20 @@ def test_foreign_containment_refused() -> None:
     with pytest.raises(corral.CorralError) as err:
         corral.run({"containment": "processcontainer", "process": {"commandLine": "true"}})
     assert err.value.code == "unsupported_containment"
+
+
+def test_many_runs_leak_no_descriptor() -> None:
+    """An agent makes thousands of calls from one process: each run's resources (audit log,
+    pipes, kernel-denial watch) are released."""
+    request = {"process": {"commandLine": "true"}}
+
+    def both() -> None:
+        corral.run(request)
+        with corral.spawn(request) as proc:
+            proc.communicate()
+
+    both()  # what is opened once and kept (caches) is opened by now
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        both()
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -99,6 +99,13 @@ class AuditLog:
                 os.close(self._fd)
             self._fd, self._known = -1, None
 
+    def __del__(self) -> None:
+        # Each request opens its own log (Recorder.open): without this, a long-lived SDK
+        # user would leak one descriptor per request.
+        if self._fd >= 0 and self._owner_pid == os.getpid():
+            os.close(self._fd)
+            self._fd = -1
+
     def __enter__(self) -> AuditLog:
         return self
 
