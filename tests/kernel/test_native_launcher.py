@@ -67,3 +67,9 @@ def test_exec_requests_round_trip() -> None:
 def test_fields_cannot_smuggle_separators() -> None:
     with pytest.raises(ValueError, match="NUL"):
         record("M", "b", "r\0d", "/x", "")
+
+
+@pytest.mark.parametrize("data", [b"A", b"A\x05\x00\x00\x00abc", b"A\x01\x00\x00\x00\xff"])
+def test_decoding_refuses_what_is_not_a_record_stream(data: bytes) -> None:
+    with pytest.raises(ValueError):
+        decode(data)

@@ -39,11 +39,16 @@ KILL = record("k")  # caller -> init: kill the workload of this connection
 
 
 def decode(data: bytes) -> list[tuple[str, list[str]]]:
-    """Records back into (tag, fields); the Python launcher reads the caller's messages."""
+    """Records back into (tag, fields) (the Python launcher's sync message, a VM's exec
+    requests). ValueError (or UnicodeDecodeError) when ``data`` is not a record stream."""
     out = []
     at = 0
     while at < len(data):
+        if len(data) - at < 5:
+            raise ValueError("truncated record header")
         (length,) = struct.unpack_from("<I", data, at + 1)
+        if len(data) - at - 5 < length:
+            raise ValueError("truncated record")
         payload = data[at + 5 : at + 5 + length]
         out.append((chr(data[at]), payload.decode().split("\0")))
         at += 5 + length
