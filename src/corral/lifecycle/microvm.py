@@ -125,7 +125,7 @@ def _own(path: str, ready_fd: int) -> None:
     from corral import api
     from corral.backends.microvm import MicrovmBackend
     from corral.backends.microvm.serve import serve
-    from corral.lifecycle import manager
+    from corral.lifecycle import manager, trail
     from corral.lifecycle.launch import plan_sandbox
 
     ctypes.CDLL(None).prctl(_PR_SET_NAME, SUPERVISOR_NAME.encode(), 0, 0, 0)
@@ -137,7 +137,9 @@ def _own(path: str, ready_fd: int) -> None:
         plan = plan_sandbox(api.parse(state.request, experimental=True))
         token = os.path.basename(path)
         listener = _listen(path)
-        vm = MicrovmBackend().boot(plan, cgroup_name=manager.cgroup_name(token))
+        # Network decisions (the rules' audit events) go to the sandbox's trail.
+        audit = trail.of_state(state).network_decision
+        vm = MicrovmBackend().boot(plan, audit, cgroup_name=manager.cgroup_name(token))
     except Exception as exc:  # reported to the starting caller, which raises it
         error = exc if isinstance(exc, CorralError) else CorralError(f"{type(exc).__name__}: {exc}")
         os.write(ready_fd, error.to_json().encode())
