@@ -142,4 +142,4 @@ def test_many_runs_leak_no_descriptor() -> None:
     before = len(os.listdir("/proc/self/fd"))
     for _ in range(20):
         both()
-    assert len(os.listdir("/proc/self/fd")) == before
+    assert len(os.listdir("/proc/self/fd")) <= before

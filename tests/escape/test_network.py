@@ -175,7 +175,8 @@ def test_published_port_reachable_from_host() -> None:
 
 @pytest.mark.timeout(60)
 def test_hostname_rules_through_the_sdk(runner: Runner) -> None:
-    """With corral.network.hosts the workload gets the policy proxy in its environment; a
+    """With corral.network.hosts the workload gets the policy proxy in its environment (on its
+    own loopback); a
     denied name is refused with a JSON 403 the agent can read, whatever the address; with
     tlsInterception the sandbox trusts Corral's per-sandbox CA through the system bundle."""
     script = (
@@ -186,6 +187,7 @@ def test_hostname_rules_through_the_sdk(runner: Runner) -> None:
         "print(s.recv(4096).decode().splitlines()[0])\n"
         "print(sum(1 for l in open('/etc/ssl/certs/ca-certificates.crt') if 'BEGIN' in l))\n"
         "print(os.environ.get('SSL_CERT_FILE'))\n"
+        "print(p[0])\n"
     )
     hosts = {"allow": [{"host": "allowed.example", "methods": ["GET"], "paths": ["/v1/"]}]}
     request = {
@@ -195,7 +197,10 @@ def test_hostname_rules_through_the_sdk(runner: Runner) -> None:
     }
     result = runner.run(request)
     assert result.exit_code == 0, result.stderr
-    status, bundle_certs, cert_file = result.stdout.splitlines()
+    status, bundle_certs, cert_file, proxy_host = result.stdout.splitlines()
+    # The proxy listens on the sandbox's own loopback (the native launcher made its socket
+    # there): proxied traffic does not cross the user-mode network.
+    assert proxy_host == "127.0.0.1"
     assert status.startswith("HTTP/1.1 403")
     with open("/etc/ssl/certs/ca-certificates.crt") as f:
         system_certs = sum(1 for line in f if "BEGIN" in line)

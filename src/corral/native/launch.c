@@ -22,6 +22,8 @@
 #include <linux/mount.h>
 #include <linux/seccomp.h>
 #include <net/if.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
@@ -106,6 +108,7 @@ struct spec {
     unsigned run_uid, run_gid;
     int join_keyring;
     int audit_session;
+    int proxy_to; /* a unix socket: send it a listener on the new namespace's loopback */
     int control_fd;
     const char *detach_name;
     int detach;
@@ -282,6 +285,7 @@ static void apply_record(struct spec *s, char tag, char *p, uint32_t len) {
     case 'W': s->run_as = 1; s->run_uid = number(f[0]); s->run_gid = number(f[1]); break;
     case 'K': s->join_keyring = 1; break;
     case 'a': s->audit_session = 1; break;
+    case 'q': s->proxy_to = number(f[0]); break;
     case 'O': s->control_fd = number(f[0]); break;
     case 'D': s->detach = 1; s->detach_name = p; break;
     case 'X':
@@ -847,6 +851,29 @@ static void loopback_up(void) {
     close(fd);
 }
 
+/* The policy proxy's listening socket, made here on the new network namespace's loopback:
+ * the workload reaches the proxy (a thread of the caller) without user-mode networking. */
+static void send_proxy_listener(int to) {
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    CHECK(fd, "proxy socket: %s", strerror(errno));
+    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    CHECK(bind(fd, (struct sockaddr *)&addr, sizeof addr), "proxy bind: %s", strerror(errno));
+    CHECK(listen(fd, 128), "proxy listen: %s", strerror(errno));
+    char control[CMSG_SPACE(sizeof fd)] = {0};
+    char byte = 'L';
+    struct iovec iov = {&byte, 1};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control,
+                         .msg_controllen = sizeof control};
+    struct cmsghdr *h = CMSG_FIRSTHDR(&msg);
+    h->cmsg_level = SOL_SOCKET;
+    h->cmsg_type = SCM_RIGHTS;
+    h->cmsg_len = CMSG_LEN(sizeof fd);
+    memcpy(CMSG_DATA(h), &fd, sizeof fd);
+    CHECK(sendmsg(to, &msg, MSG_NOSIGNAL), "proxy listener: %s", strerror(errno));
+    close(fd);
+    close(to);
+}
+
 /* Wait for init; if the caller dies (lifeline EOF), kill the sandbox. */
 static int supervise(pid_t init, int lifeline_r) {
     int pidfd = syscall(SYS_pidfd_open, init, 0);
@@ -887,6 +914,7 @@ int main(int argc, char **argv) {
     }
     static struct spec s;
     s.ready_w = s.sync_r = s.control_fd = s.pty_slave = s.error_w = s.lifeline_r = -1;
+    s.proxy_to = -1;
     s.stdio[0] = s.stdio[1] = s.stdio[2] = -1;
     int spec_fd = atoi(argv[1]);
     error_fd = atoi(argv[2]); /* first: even a malformed spec must be reported */
@@ -903,8 +931,8 @@ int main(int argc, char **argv) {
     sigprocmask(SIG_SETMASK, &none, NULL);
 
     int keep[48], nkeep = 0;
-    int singles[] = {s.error_w, s.lifeline_r, s.ready_w, s.sync_r, s.stdio[0], s.stdio[1],
-                     s.stdio[2], s.pty_slave, s.control_fd};
+    int singles[] = {s.error_w,  s.lifeline_r, s.ready_w,    s.sync_r,  s.stdio[0],
+                     s.stdio[1], s.stdio[2],   s.pty_slave,  s.control_fd, s.proxy_to};
     for (size_t i = 0; i < sizeof singles / sizeof *singles; i++) keep[nkeep++] = singles[i];
     for (int i = 0; i < s.nkeep; i++) keep[nkeep++] = s.keep[i];
     keep_only(keep, nkeep);
@@ -937,6 +965,7 @@ int main(int argc, char **argv) {
     const char *host = s.hostname ? s.hostname : "corral";
     CHECK(sethostname(host, strlen(host)), "sethostname: %s", strerror(errno));
     loopback_up();
+    if (s.proxy_to >= 0) send_proxy_listener(s.proxy_to);
     if (s.ready_w >= 0) { /* the caller wires the network namespace, then sends overrides */
         CHECK(write(s.ready_w, "R", 1), "ready: %s", strerror(errno));
         close(s.ready_w);

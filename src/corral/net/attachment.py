@@ -4,6 +4,7 @@ published ports and Corral's policy proxy, all owned by one :class:`NetworkAttac
 from __future__ import annotations
 
 import os
+import socket
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,8 +29,10 @@ class NetworkAttachment:
         audit: Audit | None,
         *,
         proxy_options: dict[str, Any] | None = None,
+        listener: socket.socket | None = None,
     ) -> None:
         self.pid = pid
+        self._listener = listener  # the policy proxy's, in the sandbox's namespace
         self.mode = plan.mode
         self.proxy_url_inside: str | None = None
         self.ca_bundle_path: str | None = None
@@ -56,11 +59,19 @@ class NetworkAttachment:
         elif self._corral.hosts_given:
             from corral.net.policy_proxy import PolicyProxy
 
-            self._proxy = PolicyProxy(self._corral, audit=self._emit, **self._proxy_options)
+            self._proxy = PolicyProxy(
+                self._corral, audit=self._emit, server=self._listener, **self._proxy_options
+            )
+            self._listener = None  # the proxy owns (and closes) it now
             self._proxy.start()
-            self._service_ports = _policy_proxy_ports(self._proxy.port, self._proxy.dns_port)
             self.ca_bundle_path = self._proxy.ca_bundle_path
-            self.proxy_url_inside = f"http://{addresses.HOST_LOOPBACK_V4}:{self._proxy.port}"
+            if self._proxy.inside_sandbox:
+                # On the sandbox's own loopback: only the DNS stub is on the host's.
+                self._service_ports = _dns_stub_ports(self._proxy.dns_port)
+                self.proxy_url_inside = f"http://127.0.0.1:{self._proxy.port}"
+            else:
+                self._service_ports = _policy_proxy_ports(self._proxy.port, self._proxy.dns_port)
+                self.proxy_url_inside = f"http://{addresses.HOST_LOOPBACK_V4}:{self._proxy.port}"
         self._install(plan.spec, self._corral)
         host_loopback = bool(self._service_ports) or plan.spec.ingress.host_loopback == "allow"
         self._slirp = slirp.start(self.pid, host_loopback=host_loopback)
@@ -139,6 +150,8 @@ class NetworkAttachment:
             self._slirp.close()
         if self._proxy is not None:
             self._proxy.stop()
+        if self._listener is not None:  # set up failed before the proxy took it
+            self._listener.close()
 
     def __enter__(self) -> NetworkAttachment:
         return self
@@ -161,10 +174,13 @@ def attach(
     pid: int,
     audit: Audit | None = None,
     proxy_options: dict[str, Any] | None = None,
+    listener: socket.socket | None = None,
 ) -> NetworkAttachment:
     """Enforce ``plan`` on the network namespace of ``pid`` before the workload starts.
-    ``proxy_options`` are extra PolicyProxy arguments, for tests only (resolver, trust)."""
-    attachment = NetworkAttachment(pid, plan, audit, proxy_options=proxy_options)
+    ``proxy_options`` are extra PolicyProxy arguments, for tests only (resolver, trust).
+    ``listener``: a listening TCP socket on the loopback of the sandbox's own namespace for
+    the policy proxy (see :func:`wants_policy_proxy`); without one it listens on the host's."""
+    attachment = NetworkAttachment(pid, plan, audit, proxy_options=proxy_options, listener=listener)
     try:
         attachment._setup(plan)
     except BaseException:
@@ -296,7 +312,16 @@ def replace_rules_in(
 
 def _policy_proxy_ports(port: int, dns_port: int) -> tuple[tuple[str, int], ...]:
     """What the sandbox may reach on the host's loopback: the proxy and its DNS stub."""
-    return (("tcp", port), ("udp", dns_port), ("tcp", dns_port))
+    return (("tcp", port), *_dns_stub_ports(dns_port))
+
+
+def _dns_stub_ports(dns_port: int) -> tuple[tuple[str, int], ...]:
+    return (("udp", dns_port), ("tcp", dns_port))
+
+
+def wants_policy_proxy(plan: NetworkPlan) -> bool:
+    """Whether :func:`attach` runs Corral's policy proxy for ``plan`` (hostname rules)."""
+    return plan.mode not in ("none", "proxy") and _corral_spec(plan.corral).hosts_given
 
 
 def proxy_url_inside(url: str) -> str:

@@ -59,6 +59,7 @@ class PolicyProxy:
         address_ok: Callable[[str], bool] = not_local,
         listen: str = "127.0.0.1",
         upstream_trust: ssl.SSLContext | None = None,  # tests only: a test CA's context
+        server: socket.socket | None = None,
     ) -> None:
         self._rules = corral.hosts
         self._audit = audit
@@ -66,8 +67,11 @@ class PolicyProxy:
         self._ca = SandboxCA() if corral.tls_interception else None
         self._upstream_tls = intercept.upstream_context(upstream_trust)
         self._dns = DnsStub(self._name_allowed, self._pins, audit=audit, listen=listen)
-        self._server = socket.create_server((listen, 0))
+        # ``server``: a listening socket made elsewhere, e.g. inside the sandbox's own network
+        # namespace, so its traffic reaches the proxy on its loopback, not through slirp4netns.
+        self._server = server if server is not None else socket.create_server((listen, 0))
         self.port: int = self._server.getsockname()[1]
+        self.inside_sandbox = server is not None
         self.dns_port: int = self._dns.port  # UDP and TCP
         self._thread: threading.Thread | None = None
         self._workers = Workers("corral-proxy-conn")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import socket
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
@@ -172,12 +173,13 @@ def launch(
         )
         if adjust is not None:
             adjust(spec)
+        proxy_from = _ask_for_proxy_listener(plan, spec, child_fds)
         launched = fork_sandbox(spec)
         for fd in child_fds:
             os.close(fd)
         child_fds.clear()
         if spec.wait_for_network:
-            _attach_network(plan, launched, cleanups, options)
+            _attach_network(plan, launched, cleanups, options, proxy_from)
         error = read_launch_error(launched.error_r)
         if error:
             os.close(launched.lifeline_w)
@@ -206,14 +208,42 @@ def launch(
         raise
 
 
-def _attach_network(plan: Plan, launched: Any, cleanups: list[Any], options: LaunchOptions) -> None:
+def _ask_for_proxy_listener(
+    plan: Plan, spec: ChildSpec, child_fds: list[int]
+) -> socket.socket | None:
+    """With hostname rules, the native launcher makes the policy proxy's listening socket on
+    the sandbox's own loopback and sends it here: the workload's proxied traffic then skips
+    user-mode networking (one hop fewer than a direct connection through it)."""
+    if spec.landlock_prepare is not None or plan.network.mode == "none":
+        return None  # the Python launcher (learning mode) keeps the proxy on the host side
+    from corral.net.attachment import wants_policy_proxy
+
+    if not wants_policy_proxy(plan.network):
+        return None
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    mine.set_inheritable(False)
+    child_fds.append(theirs.detach())
+    spec.proxy_listener_to = child_fds[-1]
+    return mine
+
+
+def _attach_network(
+    plan: Plan,
+    launched: Any,
+    cleanups: list[Any],
+    options: LaunchOptions,
+    proxy_from: socket.socket | None,
+) -> None:
     assert launched.ready_r is not None and launched.sync_w is not None
     try:
         if os.read(launched.ready_r, 1) != b"R":
             return  # the child failed; its error arrives on the error pipe
         from corral import net
 
-        attachment = net.attach(plan.network, pid=launched.pid, audit=options.audit)
+        listener = _receive_listener(proxy_from) if proxy_from is not None else None
+        attachment = net.attach(
+            plan.network, pid=launched.pid, audit=options.audit, listener=listener
+        )
         cleanups.append(attachment.close)
         inside = attachment.proxy_url_inside
         # The proxy as the sandbox reaches it.
@@ -229,6 +259,21 @@ def _attach_network(plan: Plan, launched: Any, cleanups: list[Any], options: Lau
     finally:
         os.close(launched.ready_r)
         os.close(launched.sync_w)
+        if proxy_from is not None:
+            proxy_from.close()
+
+
+def _receive_listener(channel: socket.socket) -> socket.socket:
+    _, fds, _, _ = socket.recv_fds(channel, 1, 1)
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise CorralError(
+            "the sandbox did not hand over the policy proxy's listener",
+            code=ErrorCode.BACKEND_ERROR,
+        )
+    os.set_inheritable(fds[0], False)
+    return socket.socket(fileno=fds[0])
 
 
 def _landlock_rules(plan: Plan) -> list[Any]:

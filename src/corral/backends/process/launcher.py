@@ -53,6 +53,9 @@ class ChildSpec:
     stdio: tuple[int | None, int | None, int | None] = (None, None, None)
     run_as: tuple[int, int] | None = None  # (uid, gid) of a distinct agent identity (root only)
     new_session_keyring: bool = False  # the workload's own kernel session keyring
+    # A unix socket to send the policy proxy's listener to, made on the loopback of the
+    # sandbox's network namespace (native launcher only).
+    proxy_listener_to: int | None = None
     # Long-lived sandboxes: instead of one workload, init serves exec requests on this socket
     # (native launcher only; the protocol is corral.lifecycle.protocol's).
     control_fd: int | None = None
@@ -77,7 +80,7 @@ class Launched:
 def fork_sandbox(spec: ChildSpec) -> Launched:
     if spec.landlock_prepare is None:
         return _spawn_native(spec)
-    if spec.control_fd is not None or spec.new_session_keyring:
+    if spec.control_fd is not None or spec.new_session_keyring or spec.proxy_listener_to:
         raise ValueError("long-lived and session sandboxes run through the native launcher")
     from corral.backends.process.python_launcher import fork_python
 
@@ -94,7 +97,8 @@ def _spawn_native(spec: ChildSpec) -> Launched:
         os.write(spec_fd, encode_spec(spec, pipes))
         os.lseek(spec_fd, 0, os.SEEK_SET)
         passed = [spec_fd, pipes.error_w, pipes.lifeline_r, pipes.ready_w, pipes.sync_r,
-                  *spec.stdio, spec.pty_slave, spec.control_fd, *spec.keep_fds]  # fmt: skip
+                  *spec.stdio, spec.pty_slave, spec.control_fd, spec.proxy_listener_to,
+                  *spec.keep_fds]  # fmt: skip
         # dup2 onto itself clears close-on-exec: exactly these descriptors reach the launcher.
         actions = [(os.POSIX_SPAWN_DUP2, fd, fd) for fd in passed if fd is not None and fd > 2]
         pid = os.posix_spawn(
@@ -186,6 +190,8 @@ def encode_spec(spec: ChildSpec, pipes: _Pipes) -> bytes:
         out.append(record("W", *spec.run_as))
     if spec.new_session_keyring:
         out.append(record("K"))
+    if spec.proxy_listener_to is not None:
+        out.append(record("q", spec.proxy_listener_to))
     if spec.control_fd is not None:
         out.append(record("O", spec.control_fd))
     if spec.detach:
