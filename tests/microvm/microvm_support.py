@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
+import socket
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,3 +98,30 @@ TERMINAL_SCRIPT = (
     "test -t 0 && test -t 1 && test -t 2 && echo on-a-tty; stty size; read line; "
     "echo got:$line; sleep 1; stty size; exit 3"
 )
+
+
+GREETING = b"hello-from-host\n"
+
+
+@contextlib.contextmanager
+def greeting(server: socket.socket) -> Iterator[None]:
+    """Answer every connection to the listening ``server`` with GREETING while the block runs;
+    closes ``server`` at the end."""
+    stop = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                conn, _ = server.accept()
+                conn.sendall(GREETING)
+                conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        server.close()

@@ -11,12 +11,12 @@ import shlex
 import shutil
 import socket
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from microvm_support import greeting
 
 import corral
 
@@ -138,22 +138,8 @@ class TestFilesystem:
 @pytest.fixture
 def loopback_server() -> Iterator[int]:
     server = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
-
-    def serve() -> None:
-        server.settimeout(0.2)
-        while not stop.is_set():
-            with contextlib.suppress(OSError):
-                conn, _ = server.accept()
-                conn.sendall(b"hello-from-host\n")
-                conn.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield server.getsockname()[1]
-    stop.set()
-    thread.join()
-    server.close()
+    with greeting(server):
+        yield server.getsockname()[1]
 
 
 class TestSockets:
@@ -187,25 +173,9 @@ class TestSockets:
         server.bind(str(path))
         server.listen(8)
         os.chmod(path, 0o777)
-        stop = threading.Event()
-
-        def serve() -> None:
-            server.settimeout(0.2)
-            while not stop.is_set():
-                with contextlib.suppress(OSError):
-                    conn, _ = server.accept()
-                    conn.sendall(b"hello-from-host\n")
-                    conn.close()
-
-        thread = threading.Thread(target=serve, daemon=True)
-        thread.start()
-        try:
+        with greeting(server):
             script = f"{socat} -T3 - UNIX-CONNECT:{path} </dev/null"
             assert "hello-from-host" in scene.outside(script).stdout
             inside = scene.inside(script)
             assert "hello-from-host" not in inside.stdout, inside
             assert inside.exit_code != 0, inside
-        finally:
-            stop.set()
-            thread.join()
-            server.close()

@@ -14,14 +14,13 @@ import secrets
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import psutil
 import pytest
-from microvm_support import run
+from microvm_support import greeting, run
 
 from corral import api
 from corral.backends.microvm import MicroVM, MicrovmBackend
@@ -51,24 +50,8 @@ SERVE = (
 def host_server() -> Iterator[int]:
     """A TCP server on the host's loopback that greets whoever connects."""
     server = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
-
-    def serve() -> None:
-        server.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                continue
-            conn.sendall(b"hello-from-host\n")
-            conn.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield server.getsockname()[1]
-    stop.set()
-    thread.join()
-    server.close()
+    with greeting(server):
+        yield server.getsockname()[1]
 
 
 def boot(backend: MicrovmBackend, network: dict[str, Any]) -> MicroVM:
