@@ -5,6 +5,7 @@ running after stop, deprovision, or a crash cleaned up by `corral gc`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -26,6 +27,8 @@ from tests.lifecycle.test_session_display import (  # noqa: F401 (human: the des
 from tests.session.conftest import _free_display
 from tests.session.support import HumanDesktop, as_nobody, wait_for
 from tests.session.test_desktop import _settled_clipboard
+
+from corral.errors import CorralError
 
 pytestmark = [
     needs_lifecycle,
@@ -218,6 +221,7 @@ def test_the_broker_reaches_the_human_display_only_as_the_sandbox_owner(
 
     root_text = f"root-secret-{secrets.token_hex(4)}"
     holder = root_desktop.set_clipboard(root_text)  # as root, with root's XAUTHORITY
+    own = sid = None
     try:
         # Baseline: a client holding root's credentials reads it; another user's cannot.
         assert root_desktop.clipboard() == root_text
@@ -239,7 +243,15 @@ def test_the_broker_reaches_the_human_display_only_as_the_sandbox_owner(
         time.sleep(2)  # eight broker polls
         assert _private_clipboard(sid) == ""
         _ok(_as(alice, service, "deprovision", {"sandboxId": sid}))
+        sid = None
         api.deprovision_container(own)
+        own = None
     finally:
         holder.kill()
         holder.wait()
+        # A failed assertion must not leave sandboxes (and their displays) running.
+        if sid is not None:
+            _as(alice, service, "deprovision", {"sandboxId": sid})
+        if own is not None:
+            with contextlib.suppress(CorralError):
+                api.deprovision_container(own)

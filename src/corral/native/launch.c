@@ -137,26 +137,32 @@ static void die(const char *fmt, ...) {
 
 /* ---- records ------------------------------------------------------------------------------ */
 
+/* A record stream being read; each payload is copied, NUL-terminated, to ``out`` (one block
+ * of size + 1 bytes holds them all: a record's 5-byte header outweighs its NUL). */
 struct cursor {
-    char *data;
+    const char *data;
     size_t size, at;
+    char *out;
 };
 
-/* The next record: its tag, payload (NUL-terminated in place of the next tag's byte is not
- * possible, so payloads are copied) and length. Returns 0 at the end. */
+static struct cursor cursor_over(const char *data, size_t size) {
+    struct cursor c = {data, size, 0, malloc(size + 1)};
+    if (!c.out) die("out of memory");
+    return c;
+}
+
+/* The next record: its tag, payload and length. 1: a record; 0: the end; -1: truncated. */
 static int next_record(struct cursor *c, char *tag, char **payload, uint32_t *len) {
     if (c->at == c->size) return 0;
-    if (c->size - c->at < 5) die("malformed launch spec: truncated record header");
+    if (c->size - c->at < 5) return -1;
     *tag = c->data[c->at];
     memcpy(len, c->data + c->at + 1, 4);
-    c->at += 5;
-    if (c->size - c->at < *len) die("malformed launch spec: truncated record");
-    char *copy = malloc(*len + 1);
-    if (!copy) die("out of memory");
-    memcpy(copy, c->data + c->at, *len);
-    copy[*len] = 0;
-    c->at += *len;
-    *payload = copy;
+    if (c->size - c->at - 5 < *len) return -1;
+    memcpy(c->out, c->data + c->at + 5, *len);
+    c->out[*len] = 0;
+    *payload = c->out;
+    c->out += *len + 1;
+    c->at += 5 + *len;
     return 1;
 }
 
@@ -264,7 +270,9 @@ static void apply_record(struct spec *s, char tag, char *p, uint32_t len) {
     case 'S':
         if (len % sizeof(struct sock_filter) || len == 0 || len / sizeof(struct sock_filter) > 4096)
             die("not a seccomp BPF program: %u bytes", len);
-        s->bpf = (struct sock_filter *)p;
+        s->bpf = malloc(len); /* aligned, unlike a payload inside the cursor's block */
+        if (!s->bpf) die("out of memory");
+        memcpy(s->bpf, p, len);
         s->bpf_len = len / sizeof(struct sock_filter);
         break;
     case 's': s->seccomp_flags = unumber(f[0]); break;
@@ -299,12 +307,15 @@ static void apply_record(struct spec *s, char tag, char *p, uint32_t len) {
     }
 }
 
-static void parse_records(struct spec *s, char *data, size_t size) {
-    struct cursor c = {data, size, 0};
+/* The launch spec and the caller's network message; their strings live as long as we do. */
+static void parse_records(struct spec *s, const char *data, size_t size) {
+    struct cursor c = cursor_over(data, size);
     char tag;
     char *payload;
     uint32_t len;
-    while (next_record(&c, &tag, &payload, &len)) apply_record(s, tag, payload, len);
+    int more;
+    while ((more = next_record(&c, &tag, &payload, &len)) > 0) apply_record(s, tag, payload, len);
+    if (more < 0) die("malformed launch spec: truncated record");
 }
 
 /* ---- small helpers ------------------------------------------------------------------------ */
@@ -638,28 +649,23 @@ struct exec_request {
 
 static const char *parse_exec(struct spec *s, struct exec_request *r, const char *data,
                               size_t size) {
-    r->strings = malloc(size + 1);
-    if (!r->strings) return "out of memory";
-    char *out = r->strings;
+    struct cursor c = {data, size, 0, malloc(size + 1)};
+    if (!c.out) return "out of memory";
+    r->strings = c.out;
     s->argc = s->envc = 0;
     s->cwd = NULL;
-    for (size_t at = 0; at < size;) {
-        uint32_t len;
-        if (size - at < 5) return "malformed exec request: truncated record";
-        char tag = data[at];
-        memcpy(&len, data + at + 1, 4);
-        if (size - at - 5 < len) return "malformed exec request: truncated record";
-        memcpy(out, data + at + 5, len);
-        out[len] = 0;
-        at += 5 + len;
+    char tag, *out;
+    uint32_t len;
+    int more;
+    while ((more = next_record(&c, &tag, &out, &len)) > 0) {
         if (tag == 'A' && s->argc < MAX_ITEMS) s->argv[s->argc++] = out;
         else if (tag == 'E' && s->envc < MAX_ITEMS) s->env[s->envc++] = out;
         else if (tag == 'C') s->cwd = out;
         else if (tag == 't') r->timeout = atoll(out);
         else if (tag == 'p') r->pty = 1;
         else return "malformed exec request: unknown record";
-        out += len + 1;
     }
+    if (more < 0) return "malformed exec request: truncated record";
     if (s->argc == 0 || !s->cwd) return "malformed exec request: no command or cwd";
     return NULL;
 }
